@@ -1,0 +1,37 @@
+"""optax_sam: the Sharpness-Aware Minimization family as composable Optax transformations."""
+
+from optax_sam._src.adaptive import not_bias_mask
+from optax_sam._src.aliases import asam, friendly_sam, gsam, sam, stable_sam
+from optax_sam._src.corrections import Correction, gsam_correction, no_correction, stable_correction
+from optax_sam._src.perturbations import AscentState, FriendlyState, ascent, friendly_direction
+from optax_sam._src.sharpness_aware import (
+  SAMState,
+  TwoPhaseSAMState,
+  clean_params,
+  is_perturbed,
+  sharpness_aware,
+)
+
+__version__ = '0.1.0'
+
+__all__ = (
+  'AscentState',
+  'Correction',
+  'FriendlyState',
+  'SAMState',
+  'TwoPhaseSAMState',
+  'ascent',
+  'asam',
+  'clean_params',
+  'friendly_direction',
+  'friendly_sam',
+  'gsam',
+  'gsam_correction',
+  'is_perturbed',
+  'no_correction',
+  'not_bias_mask',
+  'sam',
+  'sharpness_aware',
+  'stable_correction',
+  'stable_sam',
+)

@@ -1,0 +1,1 @@
+"""Private implementation of optax_sam; import public names from ``optax_sam``."""

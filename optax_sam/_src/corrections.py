@@ -1,0 +1,161 @@
+"""Corrections: how the gradient at the perturbed point becomes the SAM gradient.
+
+A :class:`Correction` is two pure functions. ``prepare(g, w)`` takes what the
+correction needs from the clean pass (nothing, the clean norm, or the clean
+gradient); ``apply(prepared, g_adv, w_adv)`` turns the gradient at the
+perturbed weights into the gradient handed to the base optimizer. In two-phase
+mode the prepared value is what the state carries between the two calls.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_sam._src import adaptive as adaptive_lib
+from optax_sam._src import numerics
+
+
+class Correction(NamedTuple):
+  """A gradient correction for the SAM wrapper.
+
+  Attributes:
+    prepare: ``prepare(g, w) -> prepared``: what ``apply`` needs from the clean
+      gradient ``g`` at the clean weights ``w`` (a fixed-structure tree of arrays).
+    apply: ``apply(prepared, g_adv, w_adv) -> g_sam``: the corrected gradient
+      from the gradient ``g_adv`` at the perturbed weights ``w_adv``.
+  """
+
+  prepare: Callable[[optax.Updates, optax.Params], Any]
+  apply: Callable[[Any, optax.Updates, optax.Params], optax.Updates]
+
+
+def no_correction() -> Correction:
+  r"""The identity correction of SAM, USAM, ASAM and F-SAM: :math:`g_{sam} = g_{adv}`.
+
+  Returns:
+    A :class:`Correction` that keeps nothing and returns ``g_adv`` unchanged.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax_sam
+    >>> c = optax_sam.no_correction()
+    >>> c.apply(c.prepare(jnp.ones(2), jnp.ones(2)), jnp.array([1.0, 2.0]), None)
+    Array([1., 2.], dtype=float32)
+
+  References:
+    Foret et al., 2021: https://arxiv.org/abs/2010.01412
+  """
+  return Correction(
+    prepare=lambda g, w: optax.EmptyState(),
+    apply=lambda prepared, g_adv, w_adv: g_adv,
+  )
+
+
+def stable_correction(
+  *,
+  adaptive: bool = False,
+  eta: float = 0.0,
+  adaptive_mask: adaptive_lib.MaskOrFn = None,
+  eps: float = 1e-12,
+) -> Correction:
+  r"""StableSAM's renormalization: rescale ``g_adv`` to the clean gradient's norm.
+
+  .. math::
+
+    g_{sam} = g_{adv} \frac{\|T(w) g\|}{\|T(w + e) g_{adv}\| + \epsilon},
+
+  with ``T`` as in :func:`ascent` when ``adaptive`` (each norm weighted at the
+  weights its gradient was taken at, as in the official code) and ``T = 1``
+  otherwise. ``g`` is the clean gradient (with F-SAM too, not its direction
+  ``d``). Norms are computed in float32 or wider; a zero ``g_adv`` stays zero.
+
+  Args:
+    adaptive: weight both norms by ``T``.
+    eta: offset in ``T = |w| + eta`` (``>= 0``).
+    adaptive_mask: leaves scaled by ``T`` (``None``: all).
+    eps: added to the perturbed gradient's norm (``>= 0``).
+
+  Returns:
+    A :class:`Correction` whose prepared value is the clean norm (a scalar).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax_sam
+    >>> c = optax_sam.stable_correction()
+    >>> prepared = c.prepare(jnp.array([3.0, 4.0]), jnp.zeros(2))  # ||g|| = 5
+    >>> c.apply(prepared, jnp.array([0.0, 10.0]), jnp.zeros(2))
+    Array([0., 5.], dtype=float32)
+
+  References:
+    Tan et al., 2024, "Stabilizing Sharpness-Aware Minimization Through A
+    Simple Renormalization Strategy": https://arxiv.org/abs/2401.07250
+  """
+  numerics.check_range('eta', eta)
+  numerics.check_range('eps', eps)
+
+  def weighted_norm(grads, params):
+    if adaptive:
+      grads = adaptive_lib.scaled(grads, adaptive_lib.adaptive_scale(params, eta, adaptive_mask))
+    return numerics.global_norm(grads)
+
+  def apply(clean_norm, g_adv, w_adv):
+    adv_norm = weighted_norm(g_adv, w_adv)
+    ratio = numerics.safe_ratio(
+      clean_norm.astype(adv_norm.dtype), adv_norm + jnp.asarray(eps, adv_norm.dtype)
+    )
+    return numerics.scale_tree(g_adv, ratio)
+
+  return Correction(prepare=weighted_norm, apply=apply)
+
+
+def gsam_correction(alpha: float = 0.4, *, eps: float = 1e-12) -> Correction:
+  r"""GSAM's correction: remove ``alpha`` times the part of ``g`` orthogonal to ``g_adv``.
+
+  .. math::
+
+    g_{sam} = g_{adv} - \alpha \left(g - \frac{\langle g, g_{adv}\rangle}
+      {\|g_{adv}\|^2 + \epsilon} g_{adv}\right).
+
+  The dot product and norm are computed in float32 or wider.
+
+  Args:
+    alpha: weight of the orthogonal component (``>= 0``).
+    eps: added to :math:`\|g_{adv}\|^2` (``>= 0``).
+
+  Returns:
+    A :class:`Correction` whose prepared value is the clean gradient ``g``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax_sam
+    >>> c = optax_sam.gsam_correction(alpha=0.5)
+    >>> g, g_adv = jnp.array([1.0, 1.0]), jnp.array([2.0, 0.0])
+    >>> c.apply(c.prepare(g, None), g_adv, None)  # g's orthogonal part: [0, 1]
+    Array([ 2. , -0.5], dtype=float32)
+
+  References:
+    Zhuang et al., 2022, "Surrogate Gap Guided Sharpness-Aware Minimization":
+    https://arxiv.org/abs/2203.08065
+  """
+  numerics.check_range('alpha', alpha)
+  numerics.check_range('eps', eps)
+
+  def apply(g, g_adv, w_adv):
+    del w_adv
+    sq_norm = numerics.global_norm(g_adv) ** 2
+    coef = numerics.safe_ratio(
+      numerics.vdot(g, g_adv).astype(sq_norm.dtype), sq_norm + jnp.asarray(eps, sq_norm.dtype)
+    )
+    dtype = coef.dtype
+    return jax.tree.map(
+      lambda a, c: (
+        a.astype(dtype) - jnp.asarray(alpha, dtype) * (c.astype(dtype) - coef * a.astype(dtype))
+      ).astype(jnp.result_type(a)),
+      g_adv,
+      g,
+    )
+
+  return Correction(prepare=lambda g, w: g, apply=apply)

@@ -1,0 +1,76 @@
+"""Reductions over parameter trees, in float32 or wider, that never divide by zero."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def accumulation_dtype(tree: Any) -> jnp.dtype:
+  """The dtype norms and dot products of ``tree`` are computed in.
+
+  float32, or the widest floating dtype among the leaves when that is wider
+  (float64 parameters get float64 norms).
+  """
+  dtypes = [jnp.result_type(leaf) for leaf in jax.tree.leaves(tree)]
+  return jnp.promote_types(jnp.float32, jnp.result_type(*dtypes)) if dtypes else jnp.float32
+
+
+def global_norm(tree: Any) -> jax.Array:
+  """L2 norm over all leaves of ``tree``, computed in :func:`accumulation_dtype`."""
+  dtype = accumulation_dtype(tree)
+  if not jax.tree.leaves(tree):
+    return jnp.zeros([], dtype)
+  return optax.tree.norm(optax.tree.cast(tree, dtype))
+
+
+def vdot(tree_x: Any, tree_y: Any) -> jax.Array:
+  """Inner product of two trees over all leaves, in :func:`accumulation_dtype`."""
+  dtype = accumulation_dtype((tree_x, tree_y))
+  if not jax.tree.leaves(tree_x):
+    return jnp.zeros([], dtype)
+  return optax.tree.vdot(optax.tree.cast(tree_x, dtype), optax.tree.cast(tree_y, dtype))
+
+
+def safe_ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+  """``numerator / denominator``, and 0 where the denominator is 0.
+
+  Both branches are selected with ``jnp.where``, so a zero denominator never
+  produces NaN or inf, also in the branch that is not taken.
+  """
+  nonzero = denominator != 0
+  return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1), 0)
+
+
+def scale_tree(tree: Any, scale: jax.Array) -> Any:
+  """Multiplies every leaf by a scalar computed in float32 or wider, keeping leaf dtypes."""
+  return jax.tree.map(lambda x: (x * scale).astype(jnp.result_type(x)), tree)
+
+
+def is_concrete(value: Any) -> bool:
+  """Whether ``value`` is a Python or NumPy number or a concrete (untraced) array."""
+  if isinstance(value, jax.core.Tracer):
+    return False
+  try:
+    np.asarray(value, dtype=float)
+  except (TypeError, ValueError):
+    return False
+  return True
+
+
+def check_range(name: str, value: Any, low: float = 0.0, high: float = float('inf')) -> None:
+  """Raises ``ValueError`` naming ``name`` when a concrete ``value`` is outside ``[low, high]``.
+
+  Traced values (as passed by ``optax.inject_hyperparams`` inside ``update``)
+  and schedules are not checked here.
+  """
+  if callable(value) or not is_concrete(value):
+    return
+  array = np.asarray(value, dtype=float)
+  if array.shape != ():
+    raise ValueError(f'{name} must be a scalar, got shape {array.shape}.')
+  if not (low <= float(array) <= high):
+    allowed = f'>= {low}' if high == float('inf') else f'in [{low}, {high}]'
+    raise ValueError(f'{name} must be {allowed}, got {float(array)}.')

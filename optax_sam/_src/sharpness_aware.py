@@ -1,0 +1,288 @@
+"""The SAM wrapper: runs a perturbation, a second gradient, a correction and a base optimizer."""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_sam._src import corrections
+
+GradFn = Callable[[optax.Params], optax.Updates]
+
+
+class SAMState(NamedTuple):
+  """State of a one-call SAM transformation.
+
+  Attributes:
+    perturbation_state: state of the perturbation (e.g. F-SAM's EMA).
+    base_state: state of the base optimizer.
+  """
+
+  perturbation_state: optax.OptState
+  base_state: optax.OptState
+
+
+class TwoPhaseSAMState(NamedTuple):
+  """State of a two-phase SAM transformation.
+
+  Attributes:
+    phase: 0 when the next call is the ascent (it receives the clean
+      gradient), 1 when it is the descent (it receives the perturbed gradient).
+    clean_params: the unperturbed weights, saved by the ascent call.
+    prepared: what the correction needs from the clean pass (nothing, the
+      clean norm for StableSAM, the clean gradient for GSAM).
+    perturbation_state: state of the perturbation (e.g. F-SAM's EMA).
+    base_state: state of the base optimizer.
+  """
+
+  phase: jax.Array
+  clean_params: optax.Params
+  prepared: Any
+  perturbation_state: optax.OptState
+  base_state: optax.OptState
+
+
+def _average(tree: Any, axis_name: Optional[str]) -> Any:
+  return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
+def _add(params: optax.Params, delta: optax.Updates) -> optax.Params:
+  return jax.tree.map(lambda w, d: (w + d).astype(jnp.result_type(w)), params, delta)
+
+
+def _check_grad_fn_output(g_adv: Any, grads: Any) -> None:
+  expected, got = jax.tree.structure(grads), jax.tree.structure(g_adv)
+  if expected != got:
+    raise TypeError(
+      'grad_fn(params) must return gradients with the structure of params; '
+      f'expected {expected}, got {got}. Pass grad_fn=lambda p: '
+      'jax.grad(loss_fn)(p, batch), differentiating with respect to the same '
+      'tree that is passed to update.'
+    )
+  for g, a in zip(jax.tree.leaves(grads), jax.tree.leaves(g_adv), strict=True):
+    if jnp.shape(g) != jnp.shape(a):
+      raise ValueError(
+        f'grad_fn(params) returned a leaf of shape {jnp.shape(a)} where the '
+        f'gradient has shape {jnp.shape(g)}.'
+      )
+
+
+def sharpness_aware(
+  base_optimizer: optax.GradientTransformation,
+  perturbation: optax.GradientTransformation,
+  correction: Optional[corrections.Correction] = None,
+  *,
+  axis_name: Optional[str] = None,
+  local_perturbation: bool = False,
+  two_phase: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Builds a SAM-family optimizer from a perturbation, a correction and a base optimizer.
+
+  One SAM step, with ``g`` the clean minibatch gradient at the weights ``w``:
+
+  .. math::
+
+    e = \mathrm{perturbation}(g, w), \quad
+    g_{adv} = \nabla L_B(w + e), \quad
+    g_{sam} = \mathrm{correction}(g, g_{adv}), \quad
+    u = \mathrm{base}(g_{sam}, w).
+
+  **One-call mode** (default): ``update(g, state, params, grad_fn=...)`` calls
+  ``grad_fn(w + e)`` exactly once and returns the base optimizer's update at
+  ``w``. **Two-phase mode** (``two_phase=True``): calls alternate; the first
+  receives ``g`` and returns the update that moves ``w`` to ``w + e``, the
+  second receives ``g_adv`` (the gradient at ``w + e``) and returns the update
+  that lands on the base optimizer's new weights. The state says which phase
+  is next (:func:`clean_params` gives the unperturbed weights).
+
+  With ``axis_name`` (under ``pmap``/``shard_map``) ``update`` receives each
+  device's gradient: by default it is averaged over the axis before the
+  perturbation (global perturbation, equal to single-device SAM on the whole
+  batch); with ``local_perturbation=True`` each device perturbs with its own
+  gradient and applies the correction before averaging (m-sharpness). The
+  perturbation receives the averaged gradient as the extra argument
+  ``mean_grads``, and the base optimizer always gets the average.
+
+  Args:
+    base_optimizer: any optax transformation; it receives ``g_sam`` and the
+      unperturbed weights, and any extra keyword arguments of ``update``.
+    perturbation: a transformation mapping ``g`` to ``e`` (see :func:`ascent`,
+      :func:`friendly_direction`).
+    correction: a :class:`Correction` (default :func:`no_correction`).
+    axis_name: the mapped axis to average gradients over, or ``None``.
+    local_perturbation: perturb each device with its own gradient.
+    two_phase: use alternating calls instead of ``grad_fn``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` takes
+    ``grad_fn`` (one-call mode) and ignores other unknown keyword arguments
+    except that it forwards them to the base optimizer.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_sam
+    >>> loss = lambda w: jnp.sum(w ** 4)
+    >>> tx = optax_sam.sharpness_aware(optax.sgd(0.1), optax_sam.ascent(rho=0.1))
+    >>> w = jnp.array([1.0, -1.0])
+    >>> state = tx.init(w)
+    >>> u, state = tx.update(jax.grad(loss)(w), state, w, grad_fn=jax.grad(loss))
+    >>> optax.apply_updates(w, u)  # 1 - 0.1 * 4 (1 + 0.1 / sqrt(2))^3
+    Array([ 0.509, -0.509], dtype=float32)
+
+  References:
+    Foret et al., 2021, "Sharpness-Aware Minimization for Efficiently Improving
+    Generalization": https://arxiv.org/abs/2010.01412
+  """
+  if correction is None:
+    correction = corrections.no_correction()
+  if local_perturbation and axis_name is None:
+    raise ValueError('local_perturbation=True needs axis_name (the axis of pmap or shard_map).')
+  base_optimizer = optax.with_extra_args_support(base_optimizer)
+  perturbation = optax.with_extra_args_support(perturbation)
+  reduce_first = None if local_perturbation else axis_name  # average before the perturbation
+  reduce_last = axis_name if local_perturbation else None  # average after the correction
+
+  def perturb(grads, state, params):
+    """The clean half of a step: ``(g, e, perturbation state)`` for this device."""
+    mean_grads = _average(grads, axis_name)
+    g = grads if local_perturbation else mean_grads
+    e, new_state = perturbation.update(g, state, params, mean_grads=mean_grads)
+    return g, e, new_state
+
+  def init_fn(params):
+    perturbation_state = perturbation.init(params)
+    base_state = base_optimizer.init(params)
+    if not two_phase:
+      return SAMState(perturbation_state, base_state)
+    prepared = jax.eval_shape(correction.prepare, params, params)
+    return TwoPhaseSAMState(
+      phase=jnp.zeros([], jnp.int32),
+      clean_params=params,
+      prepared=jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), prepared),
+      perturbation_state=perturbation_state,
+      base_state=base_state,
+    )
+
+  def one_call_update(grads, state, params=None, *, grad_fn: Optional[GradFn] = None, **extra):
+    if params is None:
+      raise ValueError(
+        'SAM needs the current params: call update(grads, state, params, grad_fn=...).'
+      )
+    if grad_fn is None:
+      raise TypeError(
+        'one-call SAM needs grad_fn: update(grads, state, params, grad_fn=lambda p: '
+        'jax.grad(loss_fn)(p, batch)), which returns the gradient at the weights it is '
+        'given. For loops that cannot pass it, build the optimizer with two_phase=True.'
+      )
+    g, e, perturbation_state = perturb(grads, state.perturbation_state, params)
+    perturbed = _add(params, e)
+    g_adv = grad_fn(perturbed)
+    _check_grad_fn_output(g_adv, grads)
+    g_adv = _average(g_adv, reduce_first)
+    g_sam = correction.apply(correction.prepare(g, params), g_adv, perturbed)
+    g_sam = _average(g_sam, reduce_last)
+    updates, base_state = base_optimizer.update(g_sam, state.base_state, params, **extra)
+    return updates, SAMState(perturbation_state, base_state)
+
+  def two_phase_update(grads, state, params=None, **extra):
+    if params is None:
+      raise ValueError('SAM needs the current params: call update(grads, state, params).')
+    extra.pop('grad_fn', None)
+
+    def ascent_call(operands):
+      grads, state, params = operands
+      g, e, perturbation_state = perturb(grads, state.perturbation_state, params)
+      new_state = state._replace(
+        phase=jnp.ones_like(state.phase),
+        clean_params=params,
+        prepared=correction.prepare(g, params),
+        perturbation_state=perturbation_state,
+      )
+      return e, new_state
+
+    def descent_call(operands):
+      g_adv, state, params = operands
+      g_adv = _average(g_adv, reduce_first)
+      g_sam = _average(correction.apply(state.prepared, g_adv, params), reduce_last)
+      base_updates, base_state = base_optimizer.update(
+        g_sam, state.base_state, state.clean_params, **extra
+      )
+      target = _add(state.clean_params, base_updates)
+      updates = jax.tree.map(lambda t, p: (t - p).astype(jnp.result_type(p)), target, params)
+      return updates, state._replace(phase=jnp.zeros_like(state.phase), base_state=base_state)
+
+    grads = optax.tree.cast_like(grads, params)
+    return jax.lax.cond(state.phase == 0, ascent_call, descent_call, (grads, state, params))
+
+  update_fn = two_phase_update if two_phase else one_call_update
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _two_phase_states(state: Any) -> list:
+  return [
+    s
+    for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, TwoPhaseSAMState))
+    if isinstance(s, TwoPhaseSAMState)
+  ]
+
+
+def clean_params(params: optax.Params, state: optax.OptState) -> optax.Params:
+  """The unperturbed weights, whatever phase a two-phase SAM state is in.
+
+  Between the two calls of a two-phase step the model holds ``w + e``; this
+  returns ``w`` then, and ``params`` otherwise (also for one-call states, which
+  never leave the weights perturbed). ``state`` may be the SAM state itself or
+  any state containing it (``optax.chain``, ``optax.inject_hyperparams``,
+  ``optax.MultiSteps``).
+
+  Args:
+    params: the weights the model holds now.
+    state: the optimizer state.
+
+  Returns:
+    The weights to evaluate or checkpoint.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_sam
+    >>> tx = optax_sam.sam(optax.sgd(0.1), rho=0.1, two_phase=True)
+    >>> w = jnp.array([3.0, 4.0])
+    >>> state = tx.init(w)
+    >>> e, state = tx.update(w, state, w)  # ascent: w -> w + e
+    >>> optax_sam.clean_params(optax.apply_updates(w, e), state)
+    Array([3., 4.], dtype=float32)
+
+  References:
+    Foret et al., 2021: https://arxiv.org/abs/2010.01412
+  """
+  states = _two_phase_states(state)
+  if not states:
+    return params
+  if len(states) > 1:
+    raise ValueError('clean_params found more than one two-phase SAM state in the state.')
+  (sam_state,) = states
+  return optax.tree.where(sam_state.phase == 1, sam_state.clean_params, params)
+
+
+def is_perturbed(state: optax.OptState) -> jax.Array:
+  """Whether the weights currently hold ``w + e`` (a two-phase state between its two calls).
+
+  Args:
+    state: the optimizer state (or any state containing a SAM state).
+
+  Returns:
+    A boolean scalar array; always ``False`` for one-call states.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_sam
+    >>> tx = optax_sam.sam(optax.sgd(0.1), two_phase=True)
+    >>> bool(optax_sam.is_perturbed(tx.init(jnp.zeros(2))))
+    False
+
+  References:
+    Foret et al., 2021: https://arxiv.org/abs/2010.01412
+  """
+  states = _two_phase_states(state)
+  if not states:
+    return jnp.asarray(False)
+  return states[0].phase == 1
