@@ -1,0 +1,146 @@
+"""Every variant against the independent NumPy reference, over several steps, in both modes."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import optax_sam
+from tests import helpers
+from tests.reference import ReferenceSAM
+
+LR, MOMENTUM, STEPS = 0.1, 0.9, 5
+
+# name: (factory of the optax_sam optimizer, ReferenceSAM options)
+VARIANTS = {
+    'sam': (lambda b, **k: optax_sam.sam(b, rho=0.1, **k), dict(rho=0.1)),
+    'usam': (
+        lambda b, **k: optax_sam.sam(b, rho=0.1, normalize=False, **k),
+        dict(rho=0.1, normalize=False),
+    ),
+    'sam_adaptive': (
+        lambda b, **k: optax_sam.sam(b, rho=0.3, adaptive=True, **k),
+        dict(rho=0.3, adaptive=True),
+    ),
+    'asam': (
+        lambda b, **k: optax_sam.asam(b, rho=0.5, eta=0.01, **k),
+        dict(rho=0.5, adaptive=True, eta=0.01, scaled_keys={'kernel'}),
+    ),
+    'fsam': (
+        lambda b, **k: optax_sam.friendly_sam(b, rho=0.1, sigma=0.7, lmbda=0.6, **k),
+        dict(rho=0.1, friendly=True, sigma=0.7, lmbda=0.6),
+    ),
+    'fsam_default': (
+        lambda b, **k: optax_sam.friendly_sam(b, **k),
+        dict(rho=0.05, friendly=True, sigma=1.0, lmbda=0.9),
+    ),
+    'stable': (
+        lambda b, **k: optax_sam.stable_sam(b, rho=0.2, **k),
+        dict(rho=0.2, normalize=False, stable=True),
+    ),
+    'stable_adaptive': (
+        lambda b, **k: optax_sam.stable_sam(b, rho=0.2, adaptive=True, eta=0.05, **k),
+        dict(rho=0.2, normalize=False, stable=True, adaptive=True, eta=0.05),
+    ),
+    'asam_stable': (
+        lambda b, **k: optax_sam.asam(b, rho=0.5, stable=True, **k),
+        dict(rho=0.5, adaptive=True, eta=0.01, scaled_keys={'kernel'}, stable=True),
+    ),
+    'fsam_stable': (
+        lambda b, **k: optax_sam.friendly_sam(b, rho=0.1, sigma=0.5, stable=True, **k),
+        dict(rho=0.1, friendly=True, sigma=0.5, stable=True),
+    ),
+    'fsam_adaptive': (
+        lambda b, **k: optax_sam.friendly_sam(b, rho=0.3, sigma=0.5, adaptive=True, **k),
+        dict(rho=0.3, friendly=True, sigma=0.5, adaptive=True),
+    ),
+    'gsam': (
+        lambda b, **k: optax_sam.gsam(b, rho=0.1, alpha=0.4, **k),
+        dict(rho=0.1, gsam_alpha=0.4),
+    ),
+}
+
+
+def run_library(make, two_phase, steps=STEPS):
+  params, _, grad_fn = helpers.problem()
+  tx = make(optax.sgd(LR, momentum=MOMENTUM), two_phase=two_phase)
+  state = tx.init(params)
+  history = []
+  if two_phase:
+    update = jax.jit(tx.update)
+    for _ in range(steps):
+      for _phase in range(2):
+        updates, state = update(grad_fn(params), state, params)
+        params = optax.apply_updates(params, updates)
+      history.append(params)
+  else:
+    update = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn))
+    for _ in range(steps):
+      updates, state = update(grad_fn(params), state, params)
+      params = optax.apply_updates(params, updates)
+      history.append(params)
+  return history
+
+
+def run_reference(options, steps=STEPS):
+  params, _, grad_fn = helpers.problem()
+  w = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  ref = ReferenceSAM(helpers.numpy_grad(grad_fn), lr=LR, momentum=MOMENTUM, **options)
+  history = []
+  for _ in range(steps):
+    w = ref.step(w)
+    history.append(w)
+  return history
+
+
+@pytest.mark.parametrize('two_phase', [False, True], ids=['one_call', 'two_phase'])
+@pytest.mark.parametrize('name', sorted(VARIANTS))
+def test_matches_reference_every_step(name, two_phase):
+  make, options = VARIANTS[name]
+  got = run_library(make, two_phase)
+  want = run_reference(options)
+  for step, (g, w) in enumerate(zip(got, want, strict=True)):
+    assert helpers.max_diff(g, w) < 2e-5, f'step {step}'
+  # The step must actually differ from plain SGD, or the comparison proves nothing.
+  sgd = run_reference(dict(options, rho=0.0))
+  assert helpers.max_diff(want[-1], sgd[-1]) > 1e-3
+
+
+def test_fsam_sigma_matters_after_first_step():
+  """F-SAM's first step is SAM's (d = g); from the second on, sigma changes the path."""
+  make_fsam = lambda s: (lambda b, **k: optax_sam.friendly_sam(b, rho=0.1, sigma=s, **k))
+  a = run_library(make_fsam(0.0), False, steps=2)
+  b = run_library(make_fsam(1.0), False, steps=2)
+  plain = run_library(lambda b, **k: optax_sam.sam(b, rho=0.1, **k), False, steps=2)
+  assert helpers.max_diff(a[0], b[0]) == 0.0
+  assert helpers.max_diff(a[1], plain[1]) < 1e-7  # sigma = 0 is SAM
+  assert helpers.max_diff(a[1], b[1]) > 1e-4
+
+
+def test_one_call_and_two_phase_agree_with_adam_and_weight_decay():
+  params, _, grad_fn = helpers.problem()
+  for make in (optax_sam.sam, optax_sam.friendly_sam, optax_sam.stable_sam, optax_sam.gsam):
+    base = optax.adamw(0.01, weight_decay=0.1)
+    one, two = make(base, rho=0.1), make(base, rho=0.1, two_phase=True)
+    p1 = p2 = params
+    s1, s2 = one.init(params), two.init(params)
+    for _ in range(4):
+      u, s1 = one.update(grad_fn(p1), s1, p1, grad_fn=grad_fn)
+      p1 = optax.apply_updates(p1, u)
+      for _phase in range(2):
+        u, s2 = two.update(grad_fn(p2), s2, p2)
+        p2 = optax.apply_updates(p2, u)
+      assert helpers.max_diff(p1, p2) < 1e-6
+
+
+def test_hand_worked_sam_step():
+  """One SAM step on L(w) = sum(w^4), worked by hand."""
+  w = np.array([1.0, -2.0], np.float32)
+  grad = lambda v: 4 * v**3
+  g = grad(w)
+  e = 0.1 * g / np.linalg.norm(g)
+  expected = w - 0.5 * grad(w + e)
+  tx = optax_sam.sam(optax.sgd(0.5), rho=0.1)
+  jgrad = jax.grad(lambda v: (v**4).sum())
+  u, _ = tx.update(jgrad(w), tx.init(w), w, grad_fn=jgrad)
+  np.testing.assert_allclose(optax.apply_updates(w, u), expected, rtol=1e-6)
