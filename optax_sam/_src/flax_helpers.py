@@ -1,0 +1,251 @@
+"""Flax helpers: the perturbed pass of ``nnx.Module`` models, SAM steps for Linen ``TrainState``.
+
+A SAM step evaluates the loss twice on the same minibatch: the clean pass at
+``w`` (whose side effects, BatchNorm statistics and RNG counts, are the ones a
+training loop keeps) and the perturbed pass at ``w + e`` (whose side effects
+must be thrown away). For NNX models the perturbed pass runs on a copy of the
+model rebuilt from a snapshot of its state taken *before* the clean pass, so it
+sees the same BatchNorm statistics and, by default, draws the same dropout
+masks as the clean pass, while the model itself keeps the clean pass's state.
+"""
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import jax
+import optax
+from flax import nnx
+from flax.training import train_state as train_state_lib
+
+from optax_sam._src import sharpness_aware
+
+GradFn = Callable[[Any], Any]
+TrainStateT = TypeVar('TrainStateT', bound=train_state_lib.TrainState)
+
+# Folded into every RNG key of the perturbed pass when ``reuse_rngs=False``: the
+# streams then draw from keys that neither the clean pass nor later steps use.
+_FRESH_RNG_SALT = 0x5A4D
+
+
+def nnx_grad_fn(
+  loss_fn: Callable[..., Any],
+  model: nnx.Module,
+  *args: Any,
+  has_aux: bool = False,
+  reuse_rngs: bool = True,
+) -> GradFn:
+  """Builds the ``grad_fn`` of a SAM step for an ``nnx.Module``; call it before the clean pass.
+
+  The returned function maps the (perturbed) parameters that
+  ``nnx.Optimizer.update`` hands to the optimizer, a pure ``nnx.State`` of
+  arrays, to the gradient of ``loss_fn(model, *args)`` at those parameters,
+  with the same structure. It evaluates the loss on a copy of ``model`` (and of
+  any NNX objects in ``args``) rebuilt from the state they hold *now*, so:
+
+  * the perturbed pass never changes the model: BatchNorm statistics, other
+    non-parameter variables and RNG streams stay as the clean pass left them,
+    and the RNG count advances once per step, not twice;
+  * with ``reuse_rngs=True`` (default) the perturbed pass draws the same
+    dropout masks as a clean pass run after this call, as the original SAM
+    code does; ``reuse_rngs=False`` draws fresh ones, from keys no other pass
+    uses.
+
+  Parameters are taken from the argument of the returned function; every other
+  variable comes from the snapshot. Works inside ``nnx.jit`` and ``jax.jit``.
+
+  Args:
+    loss_fn: ``loss_fn(model, *args)`` returning a scalar loss, or ``(loss,
+      aux)`` with ``has_aux=True``.
+    model: the model, in the state the clean pass will start from.
+    *args: the other arguments of ``loss_fn`` (the batch).
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``; ``aux`` is dropped.
+    reuse_rngs: draw the clean pass's randomness again (``True``) or fresh
+      randomness (``False``) in the perturbed pass.
+
+  Returns:
+    ``grad_fn(params) -> grads`` for ``optimizer.update(model, grads,
+    grad_fn=grad_fn)``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_sam
+    >>> from flax import nnx
+    >>> import optax_sam.flax
+    >>> rngs = nnx.Rngs(0, dropout=1)
+    >>> model = nnx.Sequential(nnx.Linear(2, 8, rngs=rngs), nnx.BatchNorm(8, rngs=rngs),
+    ...                        nnx.Dropout(0.5, rngs=rngs), nnx.Linear(8, 1, rngs=rngs))
+    >>> optimizer = nnx.Optimizer(model, optax_sam.sam(optax.sgd(0.1)), wrt=nnx.Param)
+    >>> x, y = jnp.ones((4, 2)), jnp.zeros((4, 1))
+    >>> loss_fn = lambda model, x, y: jnp.mean((model(x) - y) ** 2)
+    >>> grad_fn = optax_sam.flax.nnx_grad_fn(loss_fn, model, x, y)  # before the clean pass
+    >>> grads = nnx.grad(loss_fn)(model, x, y)  # the clean pass
+    >>> _ = optimizer.update(model, grads, grad_fn=grad_fn)
+    >>> int(model.layers[2].rngs.count[...])  # one dropout draw per step, not two
+    1
+
+  References:
+    Foret et al., 2021, "Sharpness-Aware Minimization for Efficiently Improving
+    Generalization": https://arxiv.org/abs/2010.01412
+  """
+  graphdef, keys, rest = nnx.split((model, args), nnx.RngKey, ...)
+  keys, rest = nnx.as_pure(keys), nnx.as_pure(rest)  # arrays: later passes cannot change them
+  if not reuse_rngs:
+    keys = jax.tree.map(lambda k: jax.random.fold_in(k, _FRESH_RNG_SALT), keys)
+
+  def loss_at(params):
+    model_copy, args_copy = nnx.merge(graphdef, keys, rest)
+    nnx.update(model_copy, params)
+    out = loss_fn(model_copy, *args_copy)
+    return out[0] if has_aux else out
+
+  def grad_fn(params):
+    return jax.grad(loss_at)(params)
+
+  return grad_fn
+
+
+def nnx_value_and_grad(
+  loss_fn: Callable[..., Any],
+  model: nnx.Module,
+  *args: Any,
+  wrt: Any = nnx.Param,
+  has_aux: bool = False,
+  reuse_rngs: bool = True,
+) -> tuple[Any, nnx.State, GradFn]:
+  """The clean pass of a SAM step and its ``grad_fn``, in one call.
+
+  Equivalent to :func:`nnx_grad_fn` followed by
+  ``nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt),
+  has_aux=has_aux)(model, *args)``: the model keeps the clean pass's state
+  (BatchNorm statistics, RNG counts), and the perturbed pass of the returned
+  ``grad_fn`` reuses its dropout masks. A SAM step is then::
+
+    loss, grads, grad_fn = optax_sam.flax.nnx_value_and_grad(loss_fn, model, x, y)
+    optimizer.update(model, grads, grad_fn=grad_fn)
+
+  Args:
+    loss_fn: ``loss_fn(model, *args)`` returning a scalar loss, or ``(loss,
+      aux)`` with ``has_aux=True``.
+    model: the model; the clean pass updates its non-parameter state.
+    *args: the other arguments of ``loss_fn`` (the batch).
+    wrt: the filter of the variables to differentiate (as in
+      ``nnx.Optimizer(..., wrt=...)``).
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    reuse_rngs: see :func:`nnx_grad_fn`.
+
+  Returns:
+    ``(value, grads, grad_fn)``: ``value`` is the loss (or ``(loss, aux)``),
+    ``grads`` the clean gradient as an ``nnx.State``, ``grad_fn`` the
+    perturbed-pass gradient function for ``optimizer.update``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_sam
+    >>> from flax import nnx
+    >>> import optax_sam.flax
+    >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(model, optax_sam.sam(optax.sgd(0.1)), wrt=nnx.Param)
+    >>> loss_fn = lambda model, x: jnp.mean((model(x) - 1.0) ** 2)
+    >>> x = jnp.ones((4, 2))
+    >>> losses = []
+    >>> for _ in range(20):
+    ...   loss, grads, grad_fn = optax_sam.flax.nnx_value_and_grad(loss_fn, model, x)
+    ...   _ = optimizer.update(model, grads, grad_fn=grad_fn)
+    ...   losses.append(float(loss))
+    >>> losses[-1] < 0.01 * losses[0]
+    True
+
+  References:
+    Foret et al., 2021, "Sharpness-Aware Minimization for Efficiently Improving
+    Generalization": https://arxiv.org/abs/2010.01412
+  """
+  grad_fn = nnx_grad_fn(loss_fn, model, *args, has_aux=has_aux, reuse_rngs=reuse_rngs)
+  value, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)(
+    model, *args
+  )
+  return value, grads, grad_fn
+
+
+def nnx_clean_params(model: nnx.Module, optimizer: nnx.Optimizer) -> nnx.State:
+  """The unperturbed parameters of a model trained with a two-phase SAM ``nnx.Optimizer``.
+
+  Between the two ``optimizer.update`` calls of a two-phase step the model
+  holds ``w + e``; this returns ``w`` then and the model's parameters
+  otherwise, as a pure ``nnx.State`` (see :func:`optax_sam.clean_params`).
+  ``nnx.update(model, nnx_clean_params(model, optimizer))`` puts them back.
+
+  Args:
+    model: the model.
+    optimizer: its ``nnx.Optimizer``, built with a ``two_phase=True`` (or a
+      one-call) SAM transformation.
+
+  Returns:
+    The parameters selected by the optimizer's ``wrt`` filter, unperturbed.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_sam
+    >>> from flax import nnx
+    >>> import optax_sam.flax
+    >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+    >>> tx = optax_sam.sam(optax.sgd(0.1), rho=0.5, two_phase=True)
+    >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    >>> before = nnx.as_pure(nnx.state(model, nnx.Param))
+    >>> grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((1, 2)))))(model)
+    >>> _ = optimizer.update(model, grads)  # first call: the model now holds w + e
+    >>> clean = optax_sam.flax.nnx_clean_params(model, optimizer)
+    >>> bool(jnp.all(clean['kernel'] == before['kernel']))
+    True
+
+  References:
+    Foret et al., 2021: https://arxiv.org/abs/2010.01412
+  """
+  params = nnx.as_pure(nnx.state(model, optimizer.wrt))
+  return sharpness_aware.clean_params(params, nnx.as_pure(optimizer.opt_state))
+
+
+def apply_gradients(
+  state: TrainStateT,
+  *,
+  grads: Any,
+  grad_fn: GradFn | None = None,
+  **changes: Any,
+) -> TrainStateT:
+  """``TrainState.apply_gradients`` for one-call SAM: forwards ``grad_fn`` to the optimizer.
+
+  Flax's ``TrainState.apply_gradients`` calls ``tx.update(grads, opt_state,
+  params)`` without extra arguments, so it cannot run one-call SAM. This does
+  the same update with ``grad_fn`` passed through, then ``state.replace``:
+  ``step`` is incremented, ``params`` and ``opt_state`` updated, and
+  ``changes`` (e.g. ``batch_stats`` from the clean pass) replaced.
+
+  Args:
+    state: a ``flax.training.train_state.TrainState`` (or a subclass).
+    grads: the clean gradient, with the structure of ``state.params``.
+    grad_fn: ``grad_fn(params) -> grads`` for the perturbed pass; ``None``
+      calls ``tx.update`` without it (for non-SAM or two-phase optimizers).
+    **changes: other fields to replace, as in ``apply_gradients``.
+
+  Returns:
+    The updated state.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_sam
+    >>> import flax.linen as nn
+    >>> from flax.training import train_state
+    >>> import optax_sam.flax
+    >>> model = nn.Dense(1)
+    >>> x = jnp.ones((4, 2))
+    >>> params = model.init(jax.random.key(0), x)['params']
+    >>> state = train_state.TrainState.create(
+    ...     apply_fn=model.apply, params=params, tx=optax_sam.sam(optax.sgd(0.1)))
+    >>> loss = lambda p: jnp.mean(state.apply_fn({'params': p}, x) ** 2)
+    >>> state = optax_sam.flax.apply_gradients(
+    ...     state, grads=jax.grad(loss)(state.params), grad_fn=jax.grad(loss))
+    >>> int(state.step)
+    1
+
+  References:
+    Foret et al., 2021: https://arxiv.org/abs/2010.01412
+  """
+  extra = {} if grad_fn is None else {'grad_fn': grad_fn}
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra)
+  params = optax.apply_updates(state.params, updates)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, **changes)

@@ -1,0 +1,21 @@
+"""Flax integration: SAM steps for ``nnx.Module`` models and Linen ``TrainState``.
+
+Importing this module imports Flax; ``import optax_sam`` alone does not.
+
+* NNX: :func:`nnx_value_and_grad` (or :func:`nnx_grad_fn`) builds the
+  ``grad_fn`` of a one-call SAM step, so a step is
+  ``optimizer.update(model, grads, grad_fn=grad_fn)`` with
+  ``nnx.Optimizer(model, tx, wrt=nnx.Param)``; :func:`nnx_clean_params` gives
+  the unperturbed weights of a two-phase optimizer.
+* Linen: :func:`apply_gradients` is ``TrainState.apply_gradients`` with
+  ``grad_fn`` forwarded to the optimizer.
+"""
+
+from optax_sam._src.flax_helpers import (
+  apply_gradients,
+  nnx_clean_params,
+  nnx_grad_fn,
+  nnx_value_and_grad,
+)
+
+__all__ = ('apply_gradients', 'nnx_clean_params', 'nnx_grad_fn', 'nnx_value_and_grad')
