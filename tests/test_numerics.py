@@ -13,51 +13,51 @@ LR, MOMENTUM, STEPS = 0.1, 0.9, 5
 
 # name: (factory of the optax_sam optimizer, ReferenceSAM options)
 VARIANTS = {
-    'sam': (lambda b, **k: optax_sam.sam(b, rho=0.1, **k), dict(rho=0.1)),
-    'usam': (
-        lambda b, **k: optax_sam.sam(b, rho=0.1, normalize=False, **k),
-        dict(rho=0.1, normalize=False),
-    ),
-    'sam_adaptive': (
-        lambda b, **k: optax_sam.sam(b, rho=0.3, adaptive=True, **k),
-        dict(rho=0.3, adaptive=True),
-    ),
-    'asam': (
-        lambda b, **k: optax_sam.asam(b, rho=0.5, eta=0.01, **k),
-        dict(rho=0.5, adaptive=True, eta=0.01, scaled_keys={'kernel'}),
-    ),
-    'fsam': (
-        lambda b, **k: optax_sam.friendly_sam(b, rho=0.1, sigma=0.7, lmbda=0.6, **k),
-        dict(rho=0.1, friendly=True, sigma=0.7, lmbda=0.6),
-    ),
-    'fsam_default': (
-        lambda b, **k: optax_sam.friendly_sam(b, **k),
-        dict(rho=0.05, friendly=True, sigma=1.0, lmbda=0.9),
-    ),
-    'stable': (
-        lambda b, **k: optax_sam.stable_sam(b, rho=0.2, **k),
-        dict(rho=0.2, normalize=False, stable=True),
-    ),
-    'stable_adaptive': (
-        lambda b, **k: optax_sam.stable_sam(b, rho=0.2, adaptive=True, eta=0.05, **k),
-        dict(rho=0.2, normalize=False, stable=True, adaptive=True, eta=0.05),
-    ),
-    'asam_stable': (
-        lambda b, **k: optax_sam.asam(b, rho=0.5, stable=True, **k),
-        dict(rho=0.5, adaptive=True, eta=0.01, scaled_keys={'kernel'}, stable=True),
-    ),
-    'fsam_stable': (
-        lambda b, **k: optax_sam.friendly_sam(b, rho=0.1, sigma=0.5, stable=True, **k),
-        dict(rho=0.1, friendly=True, sigma=0.5, stable=True),
-    ),
-    'fsam_adaptive': (
-        lambda b, **k: optax_sam.friendly_sam(b, rho=0.3, sigma=0.5, adaptive=True, **k),
-        dict(rho=0.3, friendly=True, sigma=0.5, adaptive=True),
-    ),
-    'gsam': (
-        lambda b, **k: optax_sam.gsam(b, rho=0.1, alpha=0.4, **k),
-        dict(rho=0.1, gsam_alpha=0.4),
-    ),
+  'sam': (lambda b, **k: optax_sam.sam(b, rho=0.1, **k), dict(rho=0.1)),
+  'usam': (
+    lambda b, **k: optax_sam.sam(b, rho=0.1, normalize=False, **k),
+    dict(rho=0.1, normalize=False),
+  ),
+  'sam_adaptive': (
+    lambda b, **k: optax_sam.sam(b, rho=0.3, adaptive=True, **k),
+    dict(rho=0.3, adaptive=True),
+  ),
+  'asam': (
+    lambda b, **k: optax_sam.asam(b, rho=0.5, eta=0.01, **k),
+    dict(rho=0.5, adaptive=True, eta=0.01, scaled_keys={'kernel'}),
+  ),
+  'fsam': (
+    lambda b, **k: optax_sam.friendly_sam(b, rho=0.1, sigma=0.7, lmbda=0.6, **k),
+    dict(rho=0.1, friendly=True, sigma=0.7, lmbda=0.6),
+  ),
+  'fsam_default': (
+    lambda b, **k: optax_sam.friendly_sam(b, **k),
+    dict(rho=0.05, friendly=True, sigma=1.0, lmbda=0.9),
+  ),
+  'stable': (
+    lambda b, **k: optax_sam.stable_sam(b, rho=0.2, **k),
+    dict(rho=0.2, normalize=False, stable=True),
+  ),
+  'stable_adaptive': (
+    lambda b, **k: optax_sam.stable_sam(b, rho=0.2, adaptive=True, eta=0.05, **k),
+    dict(rho=0.2, normalize=False, stable=True, adaptive=True, eta=0.05),
+  ),
+  'asam_stable': (
+    lambda b, **k: optax_sam.asam(b, rho=0.5, stable=True, **k),
+    dict(rho=0.5, adaptive=True, eta=0.01, scaled_keys={'kernel'}, stable=True),
+  ),
+  'fsam_stable': (
+    lambda b, **k: optax_sam.friendly_sam(b, rho=0.1, sigma=0.5, stable=True, **k),
+    dict(rho=0.1, friendly=True, sigma=0.5, stable=True),
+  ),
+  'fsam_adaptive': (
+    lambda b, **k: optax_sam.friendly_sam(b, rho=0.3, sigma=0.5, adaptive=True, **k),
+    dict(rho=0.3, friendly=True, sigma=0.5, adaptive=True),
+  ),
+  'gsam': (
+    lambda b, **k: optax_sam.gsam(b, rho=0.1, alpha=0.4, **k),
+    dict(rho=0.1, gsam_alpha=0.4),
+  ),
 }
 
 
@@ -108,7 +108,7 @@ def test_matches_reference_every_step(name, two_phase):
 
 def test_fsam_sigma_matters_after_first_step():
   """F-SAM's first step is SAM's (d = g); from the second on, sigma changes the path."""
-  make_fsam = lambda s: (lambda b, **k: optax_sam.friendly_sam(b, rho=0.1, sigma=s, **k))
+  make_fsam = lambda s: lambda b, **k: optax_sam.friendly_sam(b, rho=0.1, sigma=s, **k)
   a = run_library(make_fsam(0.0), False, steps=2)
   b = run_library(make_fsam(1.0), False, steps=2)
   plain = run_library(lambda b, **k: optax_sam.sam(b, rho=0.1, **k), False, steps=2)
