@@ -11,8 +11,8 @@ def problem(dtype=jnp.float32, seed=0):
   x = jax.random.normal(k1, (16, 5))
   y = jax.random.normal(k2, (16, 3))
   params = {
-      'kernel': (0.5 * jax.random.normal(k3, (5, 3))).astype(dtype),
-      'bias': jnp.full((3,), 0.1, dtype),
+    'kernel': (0.5 * jax.random.normal(k3, (5, 3))).astype(dtype),
+    'bias': jnp.full((3,), 0.1, dtype),
   }
 
   def loss(p, x=x, y=y):
@@ -35,6 +35,6 @@ def numpy_grad(grad_fn):
 
 def max_diff(a, b):
   return max(
-      float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
   )

@@ -21,24 +21,29 @@ class ReferenceSAM:
   """
 
   def __init__(
-      self,
-      grad,
-      lr=0.1,
-      momentum=0.9,
-      rho=0.05,
-      normalize=True,
-      adaptive=False,
-      eta=0.0,
-      scaled_keys=None,
-      friendly=False,
-      sigma=1.0,
-      lmbda=0.9,
-      stable=False,
-      gsam_alpha=None,
-      eps=1e-12,
+    self,
+    grad,
+    lr=0.1,
+    momentum=0.9,
+    rho=0.05,
+    normalize=True,
+    adaptive=False,
+    eta=0.0,
+    scaled_keys=None,
+    friendly=False,
+    sigma=1.0,
+    lmbda=0.9,
+    stable=False,
+    gsam_alpha=None,
+    eps=1e-12,
   ):
     self.grad, self.lr, self.momentum, self.rho = grad, lr, momentum, rho
-    self.normalize, self.adaptive, self.eta, self.scaled_keys = normalize, adaptive, eta, scaled_keys
+    self.normalize, self.adaptive, self.eta, self.scaled_keys = (
+      normalize,
+      adaptive,
+      eta,
+      scaled_keys,
+    )
     self.friendly, self.sigma, self.lmbda = friendly, sigma, lmbda
     self.stable, self.gsam_alpha, self.eps = stable, gsam_alpha, eps
     self.ema = None

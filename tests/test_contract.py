@@ -244,7 +244,7 @@ def test_dtypes_preserved(name, dtype, two_phase):
 
 
 def test_norm_computed_in_float32_for_float16():
-  """Squares of these float16 gradients overflow float16; the perturbation must still have norm rho."""
+  """Squares of these float16 gradients overflow float16; e must still have norm rho."""
   g = {'w': jnp.full((1000,), 300.0, jnp.float16)}
   e, _ = optax_sam.ascent(0.1).update(g, optax.EmptyState(), g)
   assert e['w'].dtype == jnp.float16
