@@ -309,3 +309,19 @@ def test_minimizes_a_quadratic():
   for make in ALIASES.values():
     got, _ = sam_steps(make(optax.sgd(0.1), rho=0.01), params, jax.grad(loss), steps=100)
     assert float(loss(got)) < 1e-3
+
+
+@pytest.mark.parametrize('name', sorted(ALIASES))
+@pytest.mark.parametrize('two_phase', [False, True], ids=['one_call', 'two_phase'])
+def test_eager_init_state_shardings_follow_params(name, two_phase):
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.make_mesh((8,), ('data',))
+  sharding = NamedSharding(mesh, P('data'))
+  params = {'kernel': jax.device_put(jnp.ones((8, 3)), sharding), 'bias': jnp.zeros(3)}
+  state = ALIASES[name](optax.adam(0.01), two_phase=two_phase).init(params)
+  shaped_like_kernel = [x for x in jax.tree.leaves(state) if x.shape == (8, 3)]
+  assert shaped_like_kernel
+  for leaf in shaped_like_kernel:
+    assert leaf.sharding.is_equivalent_to(sharding, 2)

@@ -155,11 +155,12 @@ def sharpness_aware(
     base_state = base_optimizer.init(params)
     if not two_phase:
       return SAMState(perturbation_state, base_state)
-    prepared = jax.eval_shape(correction.prepare, params, params)
+    # Built from the params' own arrays, so that the state's shardings follow theirs;
+    # the copy keeps params and state from aliasing when both are donated.
     return TwoPhaseSAMState(
       phase=jnp.zeros([], jnp.int32),
-      clean_params=params,
-      prepared=jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), prepared),
+      clean_params=jax.tree.map(jnp.copy, params),
+      prepared=correction.prepare(optax.tree.zeros_like(params), params),
       perturbation_state=perturbation_state,
       base_state=base_state,
     )
