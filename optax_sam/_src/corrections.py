@@ -1,10 +1,11 @@
 """Corrections: how the gradient at the perturbed point becomes the SAM gradient.
 
-A :class:`Correction` is two pure functions. ``prepare(g, w)`` takes what the
+A :class:`Correction` is three pure functions. ``prepare(g, w)`` takes what the
 correction needs from the clean pass (nothing, the clean norm, or the clean
 gradient); ``apply(prepared, g_adv, w_adv)`` turns the gradient at the
 perturbed weights into the gradient handed to the base optimizer. In two-phase
-mode the prepared value is what the state carries between the two calls.
+mode the prepared value is what the state carries between the two calls, and
+``init(w)`` gives its initial value.
 """
 
 from collections.abc import Callable
@@ -22,12 +23,15 @@ class Correction(NamedTuple):
   """A gradient correction for the SAM wrapper.
 
   Attributes:
+    init: ``init(w) -> prepared``: an initial prepared value (zeros), with the
+      structure, dtypes and shardings ``prepare`` gives.
     prepare: ``prepare(g, w) -> prepared``: what ``apply`` needs from the clean
       gradient ``g`` at the clean weights ``w`` (a fixed-structure tree of arrays).
     apply: ``apply(prepared, g_adv, w_adv) -> g_sam``: the corrected gradient
       from the gradient ``g_adv`` at the perturbed weights ``w_adv``.
   """
 
+  init: Callable[[optax.Params], Any]
   prepare: Callable[[optax.Updates, optax.Params], Any]
   apply: Callable[[Any, optax.Updates, optax.Params], optax.Updates]
 
@@ -49,6 +53,7 @@ def no_correction() -> Correction:
     Foret et al., 2021: https://arxiv.org/abs/2010.01412
   """
   return Correction(
+    init=lambda w: optax.EmptyState(),
     prepare=lambda g, w: optax.EmptyState(),
     apply=lambda prepared, g_adv, w_adv: g_adv,
   )
@@ -108,7 +113,10 @@ def stable_correction(
     )
     return numerics.scale_tree(g_adv, ratio)
 
-  return Correction(prepare=weighted_norm, apply=apply)
+  def init(params):
+    return jnp.zeros([], numerics.accumulation_dtype(params))
+
+  return Correction(init=init, prepare=weighted_norm, apply=apply)
 
 
 def gsam_correction(alpha: float = 0.4, *, eps: float = 1e-12) -> Correction:
@@ -158,4 +166,4 @@ def gsam_correction(alpha: float = 0.4, *, eps: float = 1e-12) -> Correction:
       g,
     )
 
-  return Correction(prepare=lambda g, w: g, apply=apply)
+  return Correction(init=optax.tree.zeros_like, prepare=lambda g, w: g, apply=apply)

@@ -160,7 +160,7 @@ def sharpness_aware(
     return TwoPhaseSAMState(
       phase=jnp.zeros([], jnp.int32),
       clean_params=jax.tree.map(jnp.copy, params),
-      prepared=correction.prepare(optax.tree.zeros_like(params), params),
+      prepared=correction.init(params),
       perturbation_state=perturbation_state,
       base_state=base_state,
     )
