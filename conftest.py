@@ -1,4 +1,4 @@
-"""Test setup for tests/ and the docstring examples: 8 fake CPU devices (before JAX starts) and float64 available on request."""
+"""Test setup for tests/ and the docstring examples: 8 fake CPU devices, set before JAX starts."""
 
 import os
 
