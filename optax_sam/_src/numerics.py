@@ -31,7 +31,10 @@ def vdot(tree_x: Any, tree_y: Any) -> jax.Array:
   dtype = accumulation_dtype((tree_x, tree_y))
   if not jax.tree.leaves(tree_x):
     return jnp.zeros([], dtype)
-  return optax.tree.vdot(optax.tree.cast(tree_x, dtype), optax.tree.cast(tree_y, dtype))
+  # Elementwise products summed leaf by leaf (not optax.tree.vdot, which flattens each
+  # leaf and so gathers parameters sharded over a model axis).
+  products = optax.tree.mul(optax.tree.cast(tree_x, dtype), optax.tree.cast(tree_y, dtype))
+  return optax.tree.sum(products)
 
 
 def safe_ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
