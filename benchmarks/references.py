@@ -1,0 +1,128 @@
+"""Hand-written one-call steps with each variant's math and nothing else.
+
+They are not targets of the issue (the target is the minimal SAM step in
+:mod:`benchmarks.cases`); they tell apart what a variant's math costs (an extra
+reduction, GSAM keeping the clean gradient through the second pass, F-SAM's
+EMA) from what the library adds on top of it. Each is written directly with
+``jax.tree.map`` and ``optax.tree`` reductions, without optax_sam, using the
+same hyperparameters as the aliases' defaults in :mod:`benchmarks.cases`.
+"""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from benchmarks.models import Model
+
+RHO = 0.05
+ASAM_RHO, ASAM_ETA = 0.5, 0.01
+SIGMA, LMBDA = 1.0, 0.9
+ALPHA = 0.4
+EPS = 1e-12
+
+
+class Math(NamedTuple):
+  """A variant's math in plain JAX.
+
+  Attributes:
+    ascent: ``ascent(g, params, state) -> (e, new_state)``.
+    correction: ``correction(g, g_adv) -> g_sam``.
+    init: ``init(params) -> state`` of the ascent (``()`` when there is none).
+  """
+
+  ascent: Callable
+  correction: Callable
+  init: Callable
+
+
+def _normalized(g, rho):
+  scale = rho / (optax.tree.norm(g) + EPS)
+  return jax.tree.map(lambda x: scale * x, g)
+
+
+def _sam_ascent(g, params, state):
+  del params
+  return _normalized(g, RHO), state
+
+
+def _usam_ascent(g, params, state):
+  del params
+  return jax.tree.map(lambda x: RHO * x, g), state
+
+
+def _asam_ascent(g, params, state):
+  """T = |w| + eta on every leaf but those named bias; e = rho T^2 g / ||T g||."""
+  scale = jax.tree_util.tree_map_with_path(
+    lambda path, w: jnp.ones_like(w) if path[-1].key == 'bias' else jnp.abs(w) + ASAM_ETA, params
+  )
+  norm = optax.tree.norm(jax.tree.map(lambda x, t: t * x, g, scale))
+  factor = ASAM_RHO / (norm + EPS)
+  return jax.tree.map(lambda x, t: factor * t * t * x, g, scale), state
+
+
+def _fsam_ascent(g, params, state):
+  """d = g - sigma m (d = g at the first step), m <- lmbda m + (1 - lmbda) g; e = SAM's on d."""
+  del params
+  count, ema = state
+  first = count == 0
+  d = jax.tree.map(lambda x, m: jnp.where(first, x, x - SIGMA * m), g, ema)
+  ema = jax.tree.map(lambda x, m: jnp.where(first, x, LMBDA * m + (1 - LMBDA) * x), g, ema)
+  return _normalized(d, RHO), (count + 1, ema)
+
+
+def _fsam_init(params):
+  return jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params)
+
+
+def _identity(g, g_adv):
+  del g
+  return g_adv
+
+
+def _stable(g, g_adv):
+  ratio = optax.tree.norm(g) / (optax.tree.norm(g_adv) + EPS)
+  return jax.tree.map(lambda x: ratio * x, g_adv)
+
+
+def _gsam(g, g_adv):
+  coef = optax.tree.vdot(g, g_adv) / (optax.tree.norm(g_adv, squared=True) + EPS)
+  return jax.tree.map(lambda a, x: a - ALPHA * (x - coef * a), g_adv, g)
+
+
+_no_state = lambda params: ()
+
+MATH = {
+  'usam': Math(_usam_ascent, _identity, _no_state),
+  'asam': Math(_asam_ascent, _identity, _no_state),
+  'fsam': Math(_fsam_ascent, _identity, _fsam_init),
+  'stablesam': Math(_usam_ascent, _stable, _no_state),
+  'gsam': Math(_sam_ascent, _gsam, _no_state),
+  'fsam+stable': Math(_fsam_ascent, _stable, _fsam_init),
+}
+
+
+def reference_step(model: Model, base: optax.GradientTransformation, math: Math):
+  """``(init, step)`` of a one-call train step with ``math``; the state is ``(ascent, base)``."""
+  value_and_grad = jax.value_and_grad(model.loss, has_aux=True)
+
+  def init(params):
+    return math.init(params), base.init(params)
+
+  def step(params, opt_state, model_state, batch):
+    ascent_state, base_state = opt_state
+    (loss, new_model_state), grads = value_and_grad(params, model_state, batch)
+    e, ascent_state = math.ascent(grads, params, ascent_state)
+    perturbed = jax.tree.map(jnp.add, params, e)
+    adv_grads = jax.grad(model.loss, has_aux=True)(perturbed, model_state, batch)[0]
+    updates, base_state = base.update(math.correction(grads, adv_grads), base_state, params)
+    return (
+      optax.apply_updates(params, updates),
+      (ascent_state, base_state),
+      new_model_state,
+      loss,
+    )
+
+  return init, step
