@@ -404,6 +404,13 @@ def _describe_state(expected: int, p_bytes: int) -> str:
 # ----------------------------------------------------------------------------- reporting
 
 
+def _load_average() -> Optional[list]:
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return None
+
+
 def environment(argv: Sequence[str], device_note: str) -> dict[str, Any]:
   """Device, versions, date and the command line."""
   device = jax.devices()[0]
@@ -436,6 +443,7 @@ def environment(argv: Sequence[str], device_note: str) -> dict[str, Any]:
     'cpu': cpu,
     'cpu_count': os.cpu_count(),
     'device_note': device_note,
+    'load_average_at_start': _load_average(),
     'versions': versions,
     'git_commit': commit or None,
     'base_optimizer': cases_lib.BASE_OPTIMIZER_NAME,
@@ -567,6 +575,8 @@ def markdown(report: dict) -> str:
     f'flax {v["flax"]}, numpy {v["numpy"]}, optax_sam {v["optax_sam"]} (commit '
     f'{env["git_commit"]})',
     f'- Base optimizer: `{env["base_optimizer"]}`, {env["dtype"]}; quick mode: {report["quick"]}',
+    f'- Load average (1, 5, 15 min) at start: {env["load_average_at_start"]}, at end: '
+    f'{report["summary"]["load_average_at_end"]}; wall time {report["summary"]["wall_s"]:.0f} s',
     '',
     f'Targets: {report["summary"]["pass"]} PASS, {report["summary"]["miss"]} MISS '
     f'({report["summary"]["miss_within_noise"]} of the misses within the timing noise).',
@@ -690,6 +700,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       if t['verdict'] == 'MISS' and not t['diagnostic']
     ],
     'wall_s': time.perf_counter() - start,
+    'load_average_at_end': _load_average(),
   }
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, 'benchmarks.json'), 'w') as f:
