@@ -1,0 +1,234 @@
+"""The example's hyperparameters, their defaults and their validation, and the optimizer names.
+
+Optimizer names are ``sgd``, ``sam``, ``usam``, ``asam``, ``fsam``, ``stablesam``
+and ``gsam``, or SAM variants joined by ``+``: ``fsam+stable``, ``asam+stable``,
+``usam+stable``, ``sam+stable``, ``fsam+asam``, ``fsam+asam+stable``... Each part
+switches on one feature of :func:`optax_sam.sam`: ``usam`` the unnormalized
+ascent, ``asam`` ASAM's scaling (``eta = 0.01``, biases not scaled), ``fsam``
+Friendly-SAM's direction, ``stable`` StableSAM's renormalization.
+"""
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+from optax_sam.examples import data
+
+SINGLE_OPTIMIZERS = ('sgd', 'sam', 'usam', 'asam', 'fsam', 'stablesam', 'gsam')
+COMBINABLE = ('sam', 'usam', 'asam', 'fsam', 'stable')
+LR_SCHEDULES = ('cosine', 'constant')
+OPTIMIZER_CHOICES = (
+  'sgd, sam, usam, asam, fsam, stablesam, gsam, or SAM variants joined by + '
+  '(parts sam, usam, asam, fsam, stable; e.g. fsam+stable, asam+stable, usam+stable, fsam+asam)'
+)
+
+# Options a resumed run must share with the run that wrote the checkpoint.
+RESUMABLE_CHANGES = ('epochs',)
+
+
+class ConfigError(ValueError):
+  """An option has a value that is not allowed; the message says what is."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """What an optimizer name asks for.
+
+  Attributes:
+    name: the canonical name (parts in the order fsam, asam, usam/sam, stable).
+    sam: whether it is a SAM variant at all (``False`` for ``sgd``).
+    friendly: Friendly-SAM's ascent direction.
+    adaptive: ASAM's scaling.
+    normalize: the normalized (SAM) ascent; ``False`` is USAM's.
+    stable: StableSAM's renormalization.
+    gsam: GSAM's correction.
+  """
+
+  name: str
+  sam: bool = True
+  friendly: bool = False
+  adaptive: bool = False
+  normalize: bool = True
+  stable: bool = False
+  gsam: bool = False
+
+
+def parse_optimizer(name: str) -> OptimizerSpec:
+  """Parses an optimizer name such as ``sam``, ``stablesam`` or ``fsam+stable``.
+
+  Args:
+    name: the name (case-insensitive).
+
+  Returns:
+    The :class:`OptimizerSpec`.
+
+  Raises:
+    ConfigError: the name is not one of :data:`OPTIMIZER_CHOICES`.
+
+  Example:
+    >>> from optax_sam.examples import config
+    >>> spec = config.parse_optimizer('asam+stable')
+    >>> spec.adaptive, spec.stable, spec.normalize
+    (True, True, True)
+    >>> config.parse_optimizer('stablesam') == config.parse_optimizer('usam+stable')
+    True
+  """
+  text = name.strip().lower()
+  if text == 'sgd':
+    return OptimizerSpec('sgd', sam=False)
+  if text == 'gsam':
+    return OptimizerSpec('gsam', gsam=True)
+  if text == 'stablesam':
+    text = 'usam+stable'  # the StableSAM paper's optimizer: USAM plus renormalization
+  parts = text.split('+')
+  unknown = [p for p in parts if p not in COMBINABLE]
+  if unknown or len(set(parts)) != len(parts) or {'sam', 'usam'} <= set(parts) or not text:
+    raise ConfigError(f'unknown optimizer {name!r}; choose from {OPTIMIZER_CHOICES}')
+  spec = OptimizerSpec(
+    name='',
+    friendly='fsam' in parts,
+    adaptive='asam' in parts,
+    normalize='usam' not in parts,
+    stable='stable' in parts,
+  )
+  canonical = [p for p in ('fsam', 'asam') if p in parts]
+  if not spec.normalize:
+    canonical.append('usam')
+  if spec.stable:
+    canonical.append('stable')
+  canonical = canonical or ['sam']
+  if canonical == ['usam', 'stable']:
+    canonical = ['stablesam']
+  if canonical == ['stable']:
+    canonical = ['sam', 'stable']
+  return dataclasses.replace(spec, name='+'.join(canonical))
+
+
+def default_rho(spec: OptimizerSpec) -> float:
+  """The official codes' radius: 0.5 with ASAM's scaling, 0.05 otherwise (0 for SGD)."""
+  if not spec.sam:
+    return 0.0
+  return 0.5 if spec.adaptive else 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Hyperparameters of one training run; ``None`` means "the default for this optimizer/dataset".
+
+  Attributes:
+    optimizer: an optimizer name (see :func:`parse_optimizer`).
+    dataset: ``mnist1d``, ``digits`` or ``cifar10``.
+    rho: SAM radius (default: :func:`default_rho`).
+    lr: peak learning rate of SGD.
+    momentum: SGD momentum, in ``[0, 1)``.
+    weight_decay: L2 weight decay on the convolution and dense kernels.
+    sigma: F-SAM's ``sigma``, in ``[0, 1]``.
+    lmbda: F-SAM's EMA decay, in ``[0, 1]``.
+    alpha: GSAM's ``alpha`` (``>= 0``).
+    eta: ASAM's offset (default 0.01).
+    epochs: training epochs.
+    batch_size: examples per step.
+    seed: seed of the initialization, the batch order, dropout and label noise.
+    label_noise: fraction of training labels replaced by wrong ones, in ``[0, 1)``.
+    lr_schedule: ``cosine`` (to 0 over the run) or ``constant``.
+    dropout: dropout rate before the classifier, in ``[0, 1)``.
+    width: channels of the first stage (doubled at each of the three stages).
+    num_samples: MNIST-1D only: examples to generate (default 5000: 4000 train, 1000 test).
+    data_dir: dataset cache folder (see :func:`optax_sam.examples.data.load`).
+  """
+
+  optimizer: str = 'sam'
+  dataset: str = 'mnist1d'
+  rho: Optional[float] = None
+  lr: float = 0.05
+  momentum: float = 0.9
+  weight_decay: float = 5e-4
+  sigma: float = 1.0
+  lmbda: float = 0.9
+  alpha: float = 0.4
+  eta: Optional[float] = None
+  epochs: int = 20
+  batch_size: int = 128
+  seed: int = 0
+  label_noise: float = 0.0
+  lr_schedule: str = 'cosine'
+  dropout: float = 0.1
+  width: int = 32
+  num_samples: Optional[int] = None
+  data_dir: Optional[str] = None
+
+  @property
+  def spec(self) -> OptimizerSpec:
+    """The parsed optimizer name."""
+    return parse_optimizer(self.optimizer)
+
+  @property
+  def resolved_rho(self) -> float:
+    """``rho``, or the optimizer's default."""
+    return default_rho(self.spec) if self.rho is None else self.rho
+
+  @property
+  def resolved_eta(self) -> float:
+    """``eta``, or ASAM's default 0.01."""
+    return 0.01 if self.eta is None else self.eta
+
+  def validate(self) -> 'Config':
+    """Checks every value; returns the config with the optimizer name made canonical.
+
+    Raises:
+      ConfigError: with the option's name and the allowed values.
+    """
+    spec = parse_optimizer(self.optimizer)
+    if self.dataset not in data.DATASETS:
+      raise ConfigError(f'unknown dataset {self.dataset!r}; choose from {", ".join(data.DATASETS)}')
+    if self.lr_schedule not in LR_SCHEDULES:
+      raise ConfigError(
+        f'unknown lr schedule {self.lr_schedule!r}; choose from {", ".join(LR_SCHEDULES)}'
+      )
+    _check('rho', self.rho, low=0.0, optional=True)
+    _check('lr', self.lr, low=0.0, low_open=True)
+    _check('momentum', self.momentum, low=0.0, high=1.0, high_open=True)
+    _check('weight_decay', self.weight_decay, low=0.0)
+    _check('sigma', self.sigma, low=0.0, high=1.0)
+    _check('lmbda', self.lmbda, low=0.0, high=1.0)
+    _check('alpha', self.alpha, low=0.0)
+    _check('eta', self.eta, low=0.0, optional=True)
+    _check('label_noise', self.label_noise, low=0.0, high=1.0, high_open=True)
+    _check('dropout', self.dropout, low=0.0, high=1.0, high_open=True)
+    _check_int('epochs', self.epochs, 1)
+    _check_int('batch_size', self.batch_size, 1)
+    _check_int('seed', self.seed, 0)
+    _check_int('width', self.width, 1)
+    _check_int('num_samples', self.num_samples, 20, optional=True)
+    if self.num_samples is not None and self.dataset != 'mnist1d':
+      raise ConfigError(f'--num-samples applies to mnist1d only, not to {self.dataset}')
+    return dataclasses.replace(self, optimizer=spec.name)
+
+  def to_dict(self) -> dict[str, Any]:
+    """The options as a JSON-ready dictionary."""
+    return dataclasses.asdict(self)
+
+
+def _check(name, value, low=None, high=None, low_open=False, high_open=False, optional=False):
+  if value is None and optional:
+    return
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  if ok and low is not None:
+    ok = value > low if low_open else value >= low
+  if ok and high is not None:
+    ok = value < high if high_open else value <= high
+  if not ok:
+    left = '(' if low_open else '['
+    right = ')' if high_open else ']'
+    if high is None:
+      allowed = f'> {low:g}' if low_open else f'>= {low:g}'
+    else:
+      allowed = f'in {left}{low:g}, {high:g}{right}'
+    raise ConfigError(f'--{name.replace("_", "-")} must be {allowed}, got {value!r}')
+
+
+def _check_int(name, value, low, optional=False):
+  if value is None and optional:
+    return
+  if not isinstance(value, int) or isinstance(value, bool) or value < low:
+    raise ConfigError(f'--{name.replace("_", "-")} must be an integer >= {low}, got {value!r}')

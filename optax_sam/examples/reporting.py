@@ -1,0 +1,95 @@
+"""What a run leaves in its output folder: the metrics JSON, the PNG of the curves, the table."""
+
+import json
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+METRICS_FILE = 'metrics.json'
+CURVES_FILE = 'curves.png'
+COMPARISON_FILE = 'comparison.json'
+COMPARISON_PLOT = 'comparison.png'
+EPOCH_KEYS = ('epoch', 'train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'seconds')
+
+
+def write_json(path: pathlib.Path, payload: Any) -> None:
+  """Writes JSON through a temporary file, so a reader never sees half a file."""
+  tmp = path.with_name(f'.{path.name}.tmp')
+  tmp.write_text(json.dumps(payload, indent=2) + '\n')
+  os.replace(tmp, path)
+
+
+def summary(history: Sequence[dict]) -> dict:
+  """The last epoch's metrics, plus the best test accuracy and the total time."""
+  last = dict(history[-1])
+  last['best_test_accuracy'] = max(h['test_accuracy'] for h in history)
+  last['seconds'] = sum(h['seconds'] for h in history)
+  return last
+
+
+def plot_curves(path: pathlib.Path, history: Sequence[dict], title: str) -> None:
+  """Loss and accuracy per epoch, train and test, in one PNG (matplotlib, Agg backend)."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+
+  epochs = [h['epoch'] for h in history]
+  fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+  for split, style in (('train', '-'), ('test', '--')):
+    loss_ax.plot(epochs, [h[f'{split}_loss'] for h in history], style, label=split)
+    acc_ax.plot(epochs, [h[f'{split}_accuracy'] for h in history], style, label=split)
+  loss_ax.set(xlabel='epoch', ylabel='cross-entropy', title='loss')
+  acc_ax.set(xlabel='epoch', ylabel='accuracy', title='accuracy')
+  for ax in (loss_ax, acc_ax):
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_comparison(path: pathlib.Path, histories: dict[str, Sequence[dict]], title: str) -> None:
+  """Test accuracy and train loss per epoch of several runs, in one PNG."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+
+  fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+  for name, history in histories.items():
+    epochs = [h['epoch'] for h in history]
+    loss_ax.plot(epochs, [h['train_loss'] for h in history], label=name)
+    acc_ax.plot(epochs, [h['test_accuracy'] for h in history], label=name)
+  loss_ax.set(xlabel='epoch', ylabel='cross-entropy', title='train loss')
+  acc_ax.set(xlabel='epoch', ylabel='accuracy', title='test accuracy')
+  for ax in (loss_ax, acc_ax):
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def format_table(results: dict[str, dict]) -> str:
+  """A plain-text table of the final metrics of several runs.
+
+  Example:
+    >>> from optax_sam.examples import reporting
+    >>> row = dict(train_loss=0.5, train_accuracy=0.8, test_accuracy=0.75,
+    ...            best_test_accuracy=0.76, seconds=12.0)
+    >>> print(reporting.format_table({'sam': row}))
+    optimizer  train loss  train acc  test acc  best test acc  time (s)
+    sam            0.5000     0.8000    0.7500         0.7600      12.0
+  """
+  width = max(len('optimizer'), *(len(name) for name in results))
+  lines = [f'{"optimizer":<{width}}  train loss  train acc  test acc  best test acc  time (s)']
+  for name, r in results.items():
+    lines.append(
+      f'{name:<{width}}  {r["train_loss"]:>10.4f}  {r["train_accuracy"]:>9.4f}  '
+      f'{r["test_accuracy"]:>8.4f}  {r["best_test_accuracy"]:>13.4f}  {r["seconds"]:>8.1f}'
+    )
+  return '\n'.join(lines)
