@@ -24,6 +24,7 @@ import gc
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -436,7 +437,7 @@ def environment(argv: Sequence[str], device_note: str) -> dict[str, Any]:
     commit = ''
   return {
     'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
-    'command': ' '.join(['python -m benchmarks.run', *argv]).strip(),
+    'command': shlex.join(['python', '-m', 'benchmarks.run', *argv]),
     'platform': device.platform,
     'device': device.device_kind,
     'device_count': jax.device_count(),
