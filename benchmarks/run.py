@@ -610,8 +610,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument('--quick', action='store_true', help='tiny models, few rounds (seconds)')
   parser.add_argument(
     '--models',
-    default=','.join(MODEL_CHOICES),
-    help=f'comma-separated subset of {",".join(MODEL_CHOICES)}',
+    default=None,
+    help=f'comma-separated subset of {",".join(MODEL_CHOICES)} (default: all; with --quick: '
+    'mlp,cnn,sweep)',
   )
   parser.add_argument('--device-note', default='', help='free text recorded with the results')
   parser.add_argument(
@@ -637,6 +638,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     help='skip the hand-written per-variant steps (ref/*; measured for mlp and cnn only)',
   )
   args = parser.parse_args(argv)
+  if args.models is None:
+    args.models = 'mlp,cnn,sweep' if args.quick else ','.join(MODEL_CHOICES)
   chosen = [m.strip() for m in args.models.split(',') if m.strip()]
   unknown = sorted(set(chosen) - set(MODEL_CHOICES))
   if unknown:

@@ -142,3 +142,8 @@ def test_markdown(output):
 def test_bad_model_name_is_rejected():
   with pytest.raises(SystemExit):
     run.parse_args(['--models', 'mlp,transformer'])
+
+
+def test_default_models():
+  assert run.parse_args([]).models == ['mlp', 'cnn', 'resnet18', 'sweep']
+  assert run.parse_args(['--quick']).models == ['mlp', 'cnn', 'sweep']
