@@ -399,6 +399,21 @@ def test_unusable_workdir_is_refused_before_anything_is_written(tmp_path, capsys
   assert blocker.read_text() == 'not a folder'
 
 
+def test_read_only_workdir_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+  # (root may write anywhere, so the permission check is simulated)
+  real_access = train.os.access
+  monkeypatch.setattr(
+    train.os, 'access', lambda path, mode: False if path == tmp_path else real_access(path, mode)
+  )
+  workdir = tmp_path / 'runs' / 'sam'
+  assert train.main(['--dataset=digits', f'--workdir={workdir}']) == 2
+  err = capsys.readouterr().err
+  assert (
+    err == f'error: --workdir {workdir} is not writable: no permission to write in {tmp_path}\n'
+  )
+  assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_dataset_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
   monkeypatch.setitem(sys.modules, 'tensorflow_datasets', None)
   assert train.main(['--dataset=cifar10', f'--workdir={tmp_path / "c"}']) == 2

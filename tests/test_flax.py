@@ -408,3 +408,16 @@ def test_importing_optax_sam_does_not_import_flax():
   code = 'import sys, optax_sam; print("flax" in sys.modules)'
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == 'False'
+
+
+def test_every_python_block_of_docs_flax_md_runs():
+  import pathlib
+  import re
+
+  text = (pathlib.Path(__file__).parent.parent / 'docs' / 'flax.md').read_text()
+  blocks = re.findall(r'```python\n(.*?)```', text, flags=re.DOTALL)
+  assert len(blocks) >= 6
+  namespace = {'__name__': 'docs_flax_md'}
+  for block in blocks:
+    exec(compile(block, 'docs/flax.md', 'exec'), namespace)  # the blocks assert their results
+  assert int(namespace['state'].step) == 2

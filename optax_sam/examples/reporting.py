@@ -34,6 +34,7 @@ def plot_curves(path: pathlib.Path, history: Sequence[dict], title: str) -> None
 
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt
+  from matplotlib.ticker import MaxNLocator
 
   epochs = [h['epoch'] for h in history]
   fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
@@ -43,6 +44,7 @@ def plot_curves(path: pathlib.Path, history: Sequence[dict], title: str) -> None
   loss_ax.set(xlabel='epoch', ylabel='cross-entropy', title='loss')
   acc_ax.set(xlabel='epoch', ylabel='accuracy', title='accuracy')
   for ax in (loss_ax, acc_ax):
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
   fig.suptitle(title)
@@ -57,6 +59,7 @@ def plot_comparison(path: pathlib.Path, histories: dict[str, Sequence[dict]], ti
 
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt
+  from matplotlib.ticker import MaxNLocator
 
   fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
   for name, history in histories.items():
@@ -66,6 +69,7 @@ def plot_comparison(path: pathlib.Path, histories: dict[str, Sequence[dict]], ti
   loss_ax.set(xlabel='epoch', ylabel='cross-entropy', title='train loss')
   acc_ax.set(xlabel='epoch', ylabel='accuracy', title='test accuracy')
   for ax in (loss_ax, acc_ax):
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
   fig.suptitle(title)

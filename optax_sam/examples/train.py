@@ -358,7 +358,7 @@ def train_and_evaluate(
         desc=f'epoch {epoch + 1}/{config.epochs}',
         unit='step',
         leave=False,
-        disable=not progress,
+        disable=None if progress else True,  # None: only on a terminal
       )
       losses, corrects = [], []
       for step, (x, y) in enumerate(bar):
