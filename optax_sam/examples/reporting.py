@@ -34,7 +34,6 @@ def plot_curves(path: pathlib.Path, history: Sequence[dict], title: str) -> None
 
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt
-  from matplotlib.ticker import MaxNLocator
 
   epochs = [h['epoch'] for h in history]
   fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
@@ -43,7 +42,15 @@ def plot_curves(path: pathlib.Path, history: Sequence[dict], title: str) -> None
     acc_ax.plot(epochs, [h[f'{split}_accuracy'] for h in history], style, label=split)
   loss_ax.set(xlabel='epoch', ylabel='cross-entropy', title='loss')
   acc_ax.set(xlabel='epoch', ylabel='accuracy', title='accuracy')
-  for ax in (loss_ax, acc_ax):
+  _finish(fig, (loss_ax, acc_ax), path, title)
+
+
+def _finish(fig, axes, path: pathlib.Path, title: str) -> None:
+  """Integer epochs, grid and legend on every axis; title; save as PNG and close."""
+  from matplotlib import pyplot as plt
+  from matplotlib.ticker import MaxNLocator
+
+  for ax in axes:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
@@ -59,7 +66,6 @@ def plot_comparison(path: pathlib.Path, histories: dict[str, Sequence[dict]], ti
 
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt
-  from matplotlib.ticker import MaxNLocator
 
   fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
   for name, history in histories.items():
@@ -68,14 +74,7 @@ def plot_comparison(path: pathlib.Path, histories: dict[str, Sequence[dict]], ti
     acc_ax.plot(epochs, [h['test_accuracy'] for h in history], label=name)
   loss_ax.set(xlabel='epoch', ylabel='cross-entropy', title='train loss')
   acc_ax.set(xlabel='epoch', ylabel='accuracy', title='test accuracy')
-  for ax in (loss_ax, acc_ax):
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend()
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _finish(fig, (loss_ax, acc_ax), path, title)
 
 
 def format_table(results: dict[str, dict]) -> str:
