@@ -22,13 +22,24 @@ def not_bias_mask(params: optax.Params) -> Any:
 
   This is the official ASAM code's choice (it scales every parameter named
   "weight", normalization scales included, and leaves biases alone), written
-  for JAX trees: Flax names biases ``bias`` in both Linen and NNX.
+  for JAX trees: Flax names biases ``bias`` in both Linen and NNX. It is the
+  default ``adaptive_mask`` of :func:`asam`.
+
+  Args:
+    params: a tree of parameters (dicts, Flax states, dataclasses, ...).
+
+  Returns:
+    A tree of Python bools with the structure of ``params``.
 
   Example:
     >>> import jax.numpy as jnp
     >>> import optax_sam
     >>> optax_sam.not_bias_mask({'dense': {'kernel': jnp.ones(2), 'bias': jnp.ones(2)}})
     {'dense': {'bias': False, 'kernel': True}}
+
+  References:
+    Kwon et al., 2021, "ASAM: Adaptive Sharpness-Aware Minimization for
+    Scale-Invariant Learning of Deep Neural Networks": https://arxiv.org/abs/2102.11600
   """
   return jax.tree_util.tree_map_with_path(
     lambda path, _: not (path and _key_name(path[-1]) == 'bias'), params

@@ -39,6 +39,9 @@ class Correction(NamedTuple):
 def no_correction() -> Correction:
   r"""The identity correction of SAM, USAM, ASAM and F-SAM: :math:`g_{sam} = g_{adv}`.
 
+  Args:
+    None: the identity has no hyperparameters.
+
   Returns:
     A :class:`Correction` that keeps nothing and returns ``g_adv`` unchanged.
 
