@@ -48,10 +48,6 @@ def _average(tree: Any, axis_name: Optional[str]) -> Any:
   return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
 
-def _add(params: optax.Params, delta: optax.Updates) -> optax.Params:
-  return jax.tree.map(lambda w, d: (w + d).astype(jnp.result_type(w)), params, delta)
-
-
 def _check_grad_fn_output(g_adv: Any, grads: Any) -> None:
   expected, got = jax.tree.structure(grads), jax.tree.structure(g_adv)
   if expected != got:
@@ -177,7 +173,7 @@ def sharpness_aware(
         'given. For loops that cannot pass it, build the optimizer with two_phase=True.'
       )
     g, e, perturbation_state = perturb(grads, state.perturbation_state, params)
-    perturbed = _add(params, e)
+    perturbed = optax.apply_updates(params, e)
     g_adv = grad_fn(perturbed)
     _check_grad_fn_output(g_adv, grads)
     g_adv = _average(g_adv, reduce_first)
@@ -209,8 +205,8 @@ def sharpness_aware(
       base_updates, base_state = base_optimizer.update(
         g_sam, state.base_state, state.clean_params, **extra
       )
-      target = _add(state.clean_params, base_updates)
-      updates = jax.tree.map(lambda t, p: (t - p).astype(jnp.result_type(p)), target, params)
+      target = optax.apply_updates(state.clean_params, base_updates)
+      updates = optax.tree.sub(target, params)  # lands on target from w + e
       return updates, state._replace(phase=jnp.zeros_like(state.phase), base_state=base_state)
 
     grads = optax.tree.cast_like(grads, params)
