@@ -4,6 +4,7 @@ import inspect
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -38,7 +39,14 @@ def test_bad_hyperparameters_name_the_parameter_and_range(factory, kwargs, name,
 def test_unknown_option_is_a_type_error_and_signatures_are_explicit():
   with pytest.raises(TypeError, match='unexpected keyword'):
     optax_sam.sam(BASE, sigma=0.5)
-  for alias in (optax_sam.sam, optax_sam.asam, optax_sam.friendly_sam, optax_sam.stable_sam):
+  aliases = (
+    optax_sam.sam,
+    optax_sam.asam,
+    optax_sam.friendly_sam,
+    optax_sam.stable_sam,
+    optax_sam.gsam,
+  )
+  for alias in aliases:
     kinds = {p.kind for p in inspect.signature(alias).parameters.values()}
     assert inspect.Parameter.VAR_KEYWORD not in kinds
   with pytest.raises(ValueError, match='axis_name'):
@@ -90,3 +98,24 @@ def test_nan_in_an_untaken_branch_does_not_leak():
   u, new_state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
   for leaf in jax.tree.leaves((u, new_state)):
     assert bool(jnp.all(jnp.isfinite(leaf)))
+
+
+@pytest.mark.parametrize(
+  'make',
+  [optax_sam.sam, optax_sam.stable_sam, optax_sam.gsam, optax_sam.friendly_sam],
+  ids=['sam', 'stable', 'gsam', 'fsam'],
+)
+def test_huge_finite_gradients_stay_finite(make):
+  """Squares of 1e20 overflow float32; norms and dot products must not turn them into inf/NaN."""
+  w = jnp.zeros(2)
+  g = jnp.array([1e20, -1e20], jnp.float32)
+  tx = make(optax.sgd(1e-21), rho=0.1)
+  updates, state = tx.update(g, tx.init(w), w, grad_fn=lambda p: g)
+  for leaf in jax.tree.leaves((updates, state)):
+    assert bool(jnp.all(jnp.isfinite(leaf)))
+  e, _ = optax_sam.ascent(0.1).update(g, optax.EmptyState(), w)
+  np.testing.assert_allclose(float(jnp.linalg.norm(e)), 0.1, rtol=1e-6)
+  c = optax_sam.gsam_correction(alpha=0.5)
+  g_adv = jnp.array([2e20, 0.0], jnp.float32)
+  # g's component orthogonal to g_adv is [0, -1e20]: g_sam = g_adv - 0.5 [0, -1e20].
+  np.testing.assert_allclose(c.apply(c.prepare(g, w), g_adv, w), [2e20, 0.5e20], rtol=1e-6)

@@ -154,12 +154,24 @@ def gsam_correction(alpha: float = 0.4, *, eps: float = 1e-12) -> Correction:
   numerics.check_range('alpha', alpha)
   numerics.check_range('eps', eps)
 
+  def projection(g, g_adv):
+    """``<g, g_adv> / (||g_adv||^2 + eps)``, finite whenever the gradients are."""
+    norm = numerics.global_norm(g_adv)
+    dot = numerics.vdot(g, g_adv).astype(norm.dtype)
+    eps_ = jnp.asarray(eps, norm.dtype)
+
+    def rescaled(_):
+      # The same ratio as <g, g_adv / n> / (n + eps / n): no product overflows.
+      unit = optax.tree.scale(numerics.safe_ratio(1, norm), optax.tree.cast(g_adv, norm.dtype))
+      return numerics.safe_ratio(numerics.vdot(g, unit), norm + numerics.safe_ratio(eps_, norm))
+
+    overflow = jnp.isinf(dot) | jnp.isinf(norm * norm)
+    direct = lambda _: numerics.safe_ratio(dot, norm * norm + eps_)
+    return jax.lax.cond(overflow, rescaled, direct, None)
+
   def apply(g, g_adv, w_adv):
     del w_adv
-    sq_norm = numerics.global_norm(g_adv) ** 2
-    coef = numerics.safe_ratio(
-      numerics.vdot(g, g_adv).astype(sq_norm.dtype), sq_norm + jnp.asarray(eps, sq_norm.dtype)
-    )
+    coef = projection(g, g_adv)
     dtype = coef.dtype
     return jax.tree.map(
       lambda a, c: (

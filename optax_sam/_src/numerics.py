@@ -19,11 +19,23 @@ def accumulation_dtype(tree: Any) -> jnp.dtype:
 
 
 def global_norm(tree: Any) -> jax.Array:
-  """L2 norm over all leaves of ``tree``, computed in :func:`accumulation_dtype`."""
+  """L2 norm over all leaves of ``tree``, computed in :func:`accumulation_dtype`.
+
+  Finite leaves give a finite norm: when the sum of squares overflows (entries
+  above about 1e19 in float32), the norm is recomputed from the leaves divided
+  by their largest magnitude. That path runs only on overflow (``lax.cond``).
+  """
   dtype = accumulation_dtype(tree)
   if not jax.tree.leaves(tree):
     return jnp.zeros([], dtype)
-  return optax.tree.norm(optax.tree.cast(tree, dtype))
+  tree = optax.tree.cast(tree, dtype)
+  squared = optax.tree.norm(tree, squared=True)
+
+  def rescaled(tree):
+    scale = optax.tree.max(jax.tree.map(jnp.abs, tree))
+    return scale * optax.tree.norm(optax.tree.scale(1 / scale, tree))
+
+  return jax.lax.cond(jnp.isinf(squared), rescaled, lambda _: jnp.sqrt(squared), tree)
 
 
 def vdot(tree_x: Any, tree_y: Any) -> jax.Array:
