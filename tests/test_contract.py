@@ -325,3 +325,41 @@ def test_eager_init_state_shardings_follow_params(name, two_phase):
   assert shaped_like_kernel
   for leaf in shaped_like_kernel:
     assert leaf.sharding.is_equivalent_to(sharding, 2)
+
+
+def test_prefix_adaptive_mask_like_optax_masked():
+  params = {
+    'dense': {'kernel': jnp.full((2,), 2.0), 'bias': jnp.full((2,), 2.0)},
+    'out': jnp.ones(2),
+  }
+  g = jax.tree.map(jnp.ones_like, params)
+  prefix = {'dense': True, 'out': False}
+  full = {'dense': {'kernel': True, 'bias': True}, 'out': False}
+  tx_prefix = optax_sam.ascent(0.1, adaptive=True, adaptive_mask=prefix)
+  tx_full = optax_sam.ascent(0.1, adaptive=True, adaptive_mask=lambda p: full)
+  e_prefix, _ = tx_prefix.update(g, optax.EmptyState(), params)
+  e_full, _ = tx_full.update(g, optax.EmptyState(), params)
+  assert helpers.max_diff(e_prefix, e_full) == 0.0
+  # T = 2 on 'dense', 1 on 'out': e = rho T^2 g / ||T g|| = 0.1 * [4, 4, 4, 4, 1, 1] / sqrt(18).
+  np.testing.assert_allclose(e_full['dense']['kernel'], 0.4 / np.sqrt(18), rtol=1e-6)
+  np.testing.assert_allclose(e_full['out'], 0.1 / np.sqrt(18), rtol=1e-6)
+
+
+@pytest.mark.parametrize('two_phase', [False, True], ids=['one_call', 'two_phase'])
+def test_updates_in_the_params_dtype_when_gradients_are_wider(two_phase):
+  params, _, grad_fn = helpers.problem(jnp.bfloat16)
+  wide_grad_fn = lambda p: optax.tree.cast(grad_fn(p), jnp.float32)
+  tx = optax_sam.sam(optax.sgd(0.1), two_phase=two_phase)
+  updates, _ = tx.update(wide_grad_fn(params), tx.init(params), params, grad_fn=wide_grad_fn)
+  assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
+
+
+def test_aliases_return_extra_args_transformations():
+  for make in (
+    optax_sam.sam,
+    optax_sam.asam,
+    optax_sam.friendly_sam,
+    optax_sam.stable_sam,
+    optax_sam.gsam,
+  ):
+    assert isinstance(make(optax.sgd(0.1)), optax.GradientTransformationExtraArgs)

@@ -47,12 +47,16 @@ def not_bias_mask(params: optax.Params) -> Any:
 
 
 def resolve_mask(mask: MaskOrFn, params: optax.Params) -> Any:
-  """A tree of Python bools with the structure of ``params`` (None selects all)."""
+  """A tree of bools with the structure of ``params`` (None selects all).
+
+  As in ``optax.masked``, the mask (or what a callable mask returns) may be a
+  prefix of ``params``: a bool then applies to the whole subtree below it.
+  """
   if mask is None:
     return jax.tree.map(lambda _: True, params)
   if callable(mask):
     mask = mask(params)
-  return mask
+  return jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), mask, params)
 
 
 def adaptive_scale(params: optax.Params, eta: Any, mask: MaskOrFn) -> Any:
