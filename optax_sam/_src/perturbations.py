@@ -51,7 +51,10 @@ def ascent(
 
   Args:
     rho: radius of the perturbation (``>= 0``), or an optax schedule indexed
-      by the number of perturbations computed so far.
+      by the number of perturbations computed so far (completed SAM steps).
+      Under ``optax.inject_hyperparams`` a schedule is indexed by that
+      wrapper's own count of calls instead, which two-phase mode advances
+      twice per SAM step: pass schedules for ``rho`` directly.
     normalize: divide by the gradient norm (SAM); ``False`` gives USAM.
     adaptive: scale by ``T`` (ASAM).
     eta: ASAM's offset in ``T = |w| + eta`` (``>= 0``).
@@ -147,7 +150,7 @@ def friendly_direction(
   Args:
     sigma: weight of the removed full-gradient estimate, in ``[0, 1]``.
     lmbda: EMA decay, in ``[0, 1]``.
-    ema_dtype: dtype of the EMA (default: the gradients' dtype).
+    ema_dtype: dtype of the EMA (default: the parameters' dtype).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its state is

@@ -180,7 +180,7 @@ def sharpness_aware(
     g_sam = correction.apply(correction.prepare(g, params), g_adv, perturbed)
     g_sam = _average(g_sam, reduce_last)
     updates, base_state = base_optimizer.update(g_sam, state.base_state, params, **extra)
-    return updates, SAMState(perturbation_state, base_state)
+    return optax.tree.cast_like(updates, params), SAMState(perturbation_state, base_state)
 
   def two_phase_update(grads, state, params=None, **extra):
     if params is None:
