@@ -25,9 +25,9 @@ BASES = {
 }
 
 
-def sam_steps(tx, params, grad_fn, steps=3, two_phase=False, **extra):
-  """``steps`` jitted SAM steps (two calls each in two-phase mode)."""
-  state = tx.init(params)
+def sam_steps(tx, params, grad_fn, steps=3, two_phase=False, state=None, **extra):
+  """``steps`` jitted SAM steps (two calls each in two-phase mode), from ``state`` or init."""
+  state = tx.init(params) if state is None else state
 
   @jax.jit
   def call(params, state):
@@ -363,3 +363,54 @@ def test_aliases_return_extra_args_transformations():
     optax_sam.gsam,
   ):
     assert isinstance(make(optax.sgd(0.1)), optax.GradientTransformationExtraArgs)
+
+
+def test_defaults_follow_the_official_code():
+  """Each alias with no hyperparameters equals the explicit official defaults."""
+  params, _, grad_fn = helpers.problem()
+  pairs = [
+    (optax_sam.sam, dict(rho=0.05, eps=1e-12)),
+    (optax_sam.stable_sam, dict(rho=0.05, normalize=False)),
+    (optax_sam.gsam, dict(rho=0.05, alpha=0.4)),
+    (optax_sam.asam, dict(rho=0.5, eta=0.01, adaptive_mask=optax_sam.not_bias_mask)),
+    (optax_sam.friendly_sam, dict(rho=0.05, sigma=1.0, lmbda=0.9)),
+  ]
+  for make, explicit in pairs:
+    got, _ = sam_steps(make(optax.sgd(0.1)), params, grad_fn, steps=2)
+    want, _ = sam_steps(make(optax.sgd(0.1), **explicit), params, grad_fn, steps=2)
+    other, _ = sam_steps(make(optax.sgd(0.1), rho=0.2), params, grad_fn, steps=2)
+    assert helpers.max_diff(got, want) == 0.0
+    assert helpers.max_diff(got, other) > 1e-5
+
+
+@pytest.mark.parametrize(
+  'alias, fixed, name, value',
+  [
+    (optax_sam.friendly_sam, dict(sigma=0.5), 'lmbda', 0.3),
+    (optax_sam.gsam, {}, 'alpha', 0.9),
+    (optax_sam.asam, {}, 'eta', 0.5),
+  ],
+)
+def test_inject_hyperparams_other_hyperparameters(alias, fixed, name, value):
+  params, _, grad_fn = helpers.problem()
+  injected = optax.inject_hyperparams(alias)(optax.sgd(0.1), **fixed, **{name: 0.1})
+  state = injected.init(params)
+  state.hyperparams[name] = jnp.asarray(value)
+  # Three steps: F-SAM's lmbda first reaches the perturbation at the third.
+  got, _ = sam_steps(injected, params, grad_fn, steps=3, state=state)
+  want, _ = sam_steps(alias(optax.sgd(0.1), **fixed, **{name: value}), params, grad_fn, steps=3)
+  unchanged, _ = sam_steps(alias(optax.sgd(0.1), **fixed, **{name: 0.1}), params, grad_fn, 3)
+  assert helpers.max_diff(got, want) < 1e-7
+  assert helpers.max_diff(got, unchanged) > 1e-6
+
+
+def test_apply_if_finite_around_two_phase_skips_a_nan_call():
+  params, _, grad_fn = helpers.problem()
+  tx = optax.apply_if_finite(optax_sam.sam(optax.sgd(0.1), two_phase=True), 5)
+  state = tx.init(params)
+  nan = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)
+  u, state = tx.update(nan, state, params)
+  assert helpers.max_diff(u, jax.tree.map(jnp.zeros_like, u)) == 0.0
+  assert not bool(optax_sam.is_perturbed(state))  # the skipped call left the phase alone
+  u, state = tx.update(grad_fn(params), state, params)
+  assert bool(optax_sam.is_perturbed(state))
