@@ -40,16 +40,16 @@ from benchmarks import cases as cases_lib
 from benchmarks import models
 
 MODEL_CHOICES = ('mlp', 'cnn', 'resnet18', 'sweep')
-SWEEP_CASES = {
-  'base',
-  'minimal',
+# The sweep's cases shown as ratio columns, in table order; base and minimal are also run.
+SWEEP_RATIO_CASES = (
   'sam/1call',
   'fsam/1call',
   'gsam/1call',
   'sam/2phase',
   'contrib/opaque',
   'contrib/transparent',
-}
+)
+SWEEP_CASES = {'base', 'minimal', *SWEEP_RATIO_CASES}
 QUICK_SWEEP_CASES = {'base', 'minimal', 'sam/1call', 'sam/2phase'}
 # Two-phase variants whose state is contrib's (a copy of the weights) plus at most a scalar.
 SAME_STATE_AS_CONTRIB = ('sam', 'usam', 'asam', 'stablesam')
@@ -531,18 +531,7 @@ def targets_table(targets: list) -> list:
 
 
 def sweep_table(sweep: list) -> list:
-  names = [
-    n
-    for n in (
-      'sam/1call',
-      'fsam/1call',
-      'gsam/1call',
-      'sam/2phase',
-      'contrib/opaque',
-      'contrib/transparent',
-    )
-    if any(n in {c['name'] for c in m['cases']} for m in sweep)
-  ]
+  names = [n for n in SWEEP_RATIO_CASES if any(n in {c['name'] for c in m['cases']} for m in sweep)]
   header = (
     '| model | parameters | base ms | minimal ms | minimal / base | '
     + ' | '.join(f'{n} x minimal' for n in names)
