@@ -11,6 +11,7 @@ from optax_sam._src.sharpness_aware import (
   is_perturbed,
   sharpness_aware,
 )
+from optax_sam._src.statistics import SAMStatistics, step_statistics
 
 __version__ = '0.1.0'
 
@@ -19,6 +20,7 @@ __all__ = (
   'Correction',
   'FriendlyState',
   'SAMState',
+  'SAMStatistics',
   'TwoPhaseSAMState',
   'ascent',
   'asam',
@@ -34,4 +36,5 @@ __all__ = (
   'sharpness_aware',
   'stable_correction',
   'stable_sam',
+  'step_statistics',
 )

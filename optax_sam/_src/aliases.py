@@ -11,7 +11,11 @@ from optax_sam._src import sharpness_aware as wrapper
 _DISTRIBUTED_ARGS = """    axis_name: the ``pmap``/``shard_map`` axis to average gradients over.
     local_perturbation: perturb each device with its own gradient
       (m-sharpness) instead of the averaged one.
-    two_phase: alternate two calls instead of calling ``grad_fn``."""
+    two_phase: alternate two calls instead of calling ``grad_fn``.
+    statistics: keep the step's statistics in the state (read them with
+      :func:`step_statistics`); off by default, and free when off.
+    perturb_in_param_dtype: hand ``grad_fn`` ``w + e`` in the params' dtype;
+      by default params narrower than float32 get float32 ``w + e`` there."""
 
 
 def _build(
@@ -21,6 +25,8 @@ def _build(
   axis_name: Optional[str],
   local_perturbation: bool,
   two_phase: bool,
+  statistics: bool,
+  perturb_in_param_dtype: bool,
 ) -> optax.GradientTransformationExtraArgs:
   return wrapper.sharpness_aware(
     base_optimizer,
@@ -29,6 +35,8 @@ def _build(
     axis_name=axis_name,
     local_perturbation=local_perturbation,
     two_phase=two_phase,
+    statistics=statistics,
+    perturb_in_param_dtype=perturb_in_param_dtype,
   )
 
 
@@ -58,6 +66,8 @@ def sam(
   axis_name: Optional[str] = None,
   local_perturbation: bool = False,
   two_phase: bool = False,
+  statistics: bool = False,
+  perturb_in_param_dtype: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization around any optax optimizer.
 
@@ -105,7 +115,16 @@ def sam(
   ascent, correction = _ascent_and_correction(
     rho, normalize, adaptive, eta, adaptive_mask, stable, eps
   )
-  return _build(base_optimizer, ascent, correction, axis_name, local_perturbation, two_phase)
+  return _build(
+    base_optimizer,
+    ascent,
+    correction,
+    axis_name,
+    local_perturbation,
+    two_phase,
+    statistics,
+    perturb_in_param_dtype,
+  )
 
 
 def asam(
@@ -120,6 +139,8 @@ def asam(
   axis_name: Optional[str] = None,
   local_perturbation: bool = False,
   two_phase: bool = False,
+  statistics: bool = False,
+  perturb_in_param_dtype: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adaptive SAM: SAM in the parameter-scaled space :math:`T = |w| + \eta`.
 
@@ -166,6 +187,8 @@ def asam(
     axis_name=axis_name,
     local_perturbation=local_perturbation,
     two_phase=two_phase,
+    statistics=statistics,
+    perturb_in_param_dtype=perturb_in_param_dtype,
   )
 
 
@@ -185,6 +208,8 @@ def friendly_sam(
   axis_name: Optional[str] = None,
   local_perturbation: bool = False,
   two_phase: bool = False,
+  statistics: bool = False,
+  perturb_in_param_dtype: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Friendly-SAM: SAM whose ascent ignores the full-gradient component.
 
@@ -232,7 +257,16 @@ def friendly_sam(
   )
   direction = perturbations.friendly_direction(sigma, lmbda, ema_dtype=ema_dtype)
   perturbation = optax.chain(direction, ascent)
-  return _build(base_optimizer, perturbation, correction, axis_name, local_perturbation, two_phase)
+  return _build(
+    base_optimizer,
+    perturbation,
+    correction,
+    axis_name,
+    local_perturbation,
+    two_phase,
+    statistics,
+    perturb_in_param_dtype,
+  )
 
 
 def stable_sam(
@@ -247,6 +281,8 @@ def stable_sam(
   axis_name: Optional[str] = None,
   local_perturbation: bool = False,
   two_phase: bool = False,
+  statistics: bool = False,
+  perturb_in_param_dtype: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""StableSAM: unnormalized SAM whose perturbed gradient keeps the clean norm.
 
@@ -296,6 +332,8 @@ def stable_sam(
     axis_name=axis_name,
     local_perturbation=local_perturbation,
     two_phase=two_phase,
+    statistics=statistics,
+    perturb_in_param_dtype=perturb_in_param_dtype,
   )
 
 
@@ -308,6 +346,8 @@ def gsam(
   axis_name: Optional[str] = None,
   local_perturbation: bool = False,
   two_phase: bool = False,
+  statistics: bool = False,
+  perturb_in_param_dtype: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Surrogate Gap Guided SAM: SAM plus a step against the surrogate gap.
 
@@ -341,7 +381,16 @@ def gsam(
   """
   ascent = perturbations.ascent(rho, eps=eps)
   correction = corrections.gsam_correction(alpha, eps=eps)
-  return _build(base_optimizer, ascent, correction, axis_name, local_perturbation, two_phase)
+  return _build(
+    base_optimizer,
+    ascent,
+    correction,
+    axis_name,
+    local_perturbation,
+    two_phase,
+    statistics,
+    perturb_in_param_dtype,
+  )
 
 
 for _alias in (sam, asam, friendly_sam, stable_sam, gsam):
