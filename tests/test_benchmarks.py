@@ -147,3 +147,15 @@ def test_bad_model_name_is_rejected():
 def test_default_models():
   assert run.parse_args([]).models == ['mlp', 'cnn', 'resnet18', 'sweep']
   assert run.parse_args(['--quick']).models == ['mlp', 'cnn', 'sweep']
+
+
+def test_mixed_precision_benchmark_quick_mode_writes_its_tables(tmp_path):
+  from benchmarks import mixed_precision
+
+  text = mixed_precision.main(['--quick', '--out', str(tmp_path)])
+  data = json.loads((tmp_path / 'mixed_precision.json').read_text())
+  assert [r['setting'] for r in data['rows']] == list(mixed_precision.SETTINGS)
+  assert set(data['timing']) == {'19k'}
+  before, after, _ = data['rows']
+  assert after['moved'] > before['moved'] and after['error'] < before['error']
+  assert (tmp_path / 'mixed_precision.md').read_text() == text
