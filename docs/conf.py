@@ -53,6 +53,10 @@ autodoc_default_options = {'show-inheritance': False}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+napoleon_attr_annotations = False  # the Attributes sections say what each field holds
+# A class page is its docstring: the states are NamedTuples, whose tuple methods and
+# "Alias for field number" entries would only repeat the Attributes section.
+templates_path = ['_templates']
 
 html_theme = 'furo'
 html_title = f'optax_sam {release}'
