@@ -216,6 +216,18 @@ def _assert_close(actual, expected, rtol, what, scale=0.0):
   assert diff <= rtol * scale, f'{what}: max difference {diff} at scale {scale}'
 
 
+def _assume_in_domain(name, problem):
+  """ASAM + StableSAM only with ``eta >= 0.01`` (ASAM's default), so that ``T = |w| + eta > 0``.
+
+  With ``eta = 0`` a weight at (or moved by the ascent to) exactly 0 has ``T = 0``: StableSAM's
+  ratio ``||T g|| / (||T g_adv|| + eps)`` is then 0 / 0 = 0 at ``w = 0`` (not the base optimizer
+  at ``rho = 0``), and ``||T g|| / eps`` where ``g_adv`` is nonzero only at such weights, which
+  overflows (see ``test_adaptive_stable_sam_overflows_when_the_ascent_zeroes_the_scaled_weights``).
+  """
+  if name == 'asam_stable':
+    assume(problem[2]['eta'] >= 0.01)
+
+
 # A few examples per alias keep the jit compilations (one per layout and dtype) bounded.
 FAST = settings(
   max_examples=10,
@@ -231,6 +243,7 @@ FAST = settings(
 @given(problem=problems(huge=True))
 def test_finite_input_gives_finite_output_and_a_fixed_state_structure(name, problem):
   """Also with zero gradients and gradients a millionth of the dtype's largest finite value."""
+  _assume_in_domain(name, problem)
   out, params = _solve(name, problem)
   for key in ('one_call', 'two_phase', 'one_call_rho0', 'two_phase_rho0'):
     run = out[key]
@@ -246,10 +259,7 @@ def test_finite_input_gives_finite_output_and_a_fixed_state_structure(name, prob
 @given(problem=problems(huge=False))
 def test_rho_zero_is_the_base_optimizer(name, problem):
   """At ``rho = eps = 0``."""
-  if name == 'asam_stable':
-    # eta = 0 and zero weights make T = |w| + eta zero, and then StableSAM's formula scales the
-    # gradient by ||T g|| / ||T g_adv|| = 0 / 0, which is 0: not the base optimizer, by design.
-    assume(problem[2]['eta'] > 0)
+  _assume_in_domain(name, problem)
   out, _ = _solve(name, problem)
   dtype = problem[1]
   exact = name in EXACT_AT_RHO_ZERO and dtype != 'bfloat16'  # bf16: grad_fn sees float32 w
@@ -267,6 +277,7 @@ def test_rho_zero_is_the_base_optimizer(name, problem):
 @given(problem=problems(huge=False, dtypes=('float32', 'float64')))
 def test_one_call_equals_two_phase_after_each_pair_of_calls(name, problem):
   """float32 and float64 (bfloat16's two-phase rounding of w + e is documented, not tested)."""
+  _assume_in_domain(name, problem)
   out, _ = _solve(name, problem)
   # Two-phase mode holds w + e in the params' dtype and subtracts it again: its rounding is
   # relative to |w + e|, which can exceed |w| by far.
@@ -274,3 +285,20 @@ def test_one_call_equals_two_phase_after_each_pair_of_calls(name, problem):
   pairs = zip(out['two_phase']['params'], out['one_call']['params'], strict=True)
   for step, (got, want) in enumerate(pairs):
     _assert_close(got, want, RTOL[problem[1]], f'step {step}', scale=scale)
+
+
+@pytest.mark.xfail(strict=True, reason='known issue (reported): StableSAM ratio overflows')
+def test_adaptive_stable_sam_overflows_when_the_ascent_zeroes_the_scaled_weights():
+  """Found by the finiteness property: ASAM + StableSAM with ``eta = 0``.
+
+  ``sam(adaptive=True, stable=True)`` (``eta = 0``, the davda54 convention) with ``rho = 1``:
+  ``T = |w| = [1, 0]`` and ``e = rho T^2 g / ||T g|| = [-1, 0]`` move the one scaled weight to 0,
+  so ``T(w + e) = 0`` and ``||T(w + e) g_adv|| = 0`` while ``g_adv`` is not. The correction's
+  ratio is then ``||T g|| / eps = 1e30 / 1e-12``, beyond float32: the update is inf where
+  ``g_adv`` is nonzero and NaN (0 times inf) where it is zero. Strict: passes once fixed.
+  """
+  w = {'kernel': jnp.array([1.0, 0.0]), 'bias': jnp.zeros(1)}
+  g = {'kernel': jnp.array([-1e30, 0.0]), 'bias': jnp.zeros(1)}
+  tx = optax_sam.sam(optax.sgd(1e-31), rho=1.0, adaptive=True, stable=True)
+  u, _ = tx.update(g, tx.init(w), w, grad_fn=lambda p: g)
+  _assert_finite(u, 'the update')
