@@ -8,14 +8,16 @@ from optax_sam._src import adaptive as adaptive_lib
 from optax_sam._src import corrections, perturbations
 from optax_sam._src import sharpness_aware as wrapper
 
+# Replaces the '  {distributed}' line of the Args sections: the first line's 4 spaces follow
+# that line's 2, the others carry the 6 of an argument.
 _DISTRIBUTED_ARGS = """    axis_name: the ``pmap``/``shard_map`` axis to average gradients over.
-    local_perturbation: perturb each device with its own gradient
-      (m-sharpness) instead of the averaged one.
-    two_phase: alternate two calls instead of calling ``grad_fn``.
-    statistics: keep the step's statistics in the state (read them with
-      :func:`step_statistics`); off by default, and free when off.
-    perturb_in_param_dtype: hand ``grad_fn`` ``w + e`` in the params' dtype;
-      by default params narrower than float32 get float32 ``w + e`` there."""
+      local_perturbation: perturb each device with its own gradient
+        (m-sharpness) instead of the averaged one.
+      two_phase: alternate two calls instead of calling ``grad_fn``.
+      statistics: keep the step's statistics in the state (read them with
+        :func:`step_statistics`); off by default, and free when off.
+      perturb_in_param_dtype: hand ``grad_fn`` ``w + e`` in the params' dtype;
+        by default params narrower than float32 get float32 ``w + e`` there."""
 
 
 def _build(
