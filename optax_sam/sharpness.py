@@ -9,6 +9,12 @@ without flattening it, and returns a ``NamedTuple`` with the error of the
 estimate. See ``docs/sharpness.md``.
 """
 
+from optax_sam._src.adaptive_sharpness import (
+  AverageSharpness,
+  WorstCaseSharpness,
+  average_sharpness,
+  worst_case_sharpness,
+)
 from optax_sam._src.hessian_spectrum import (
   HessianEigenvalues,
   SpectralDensity,
@@ -17,15 +23,22 @@ from optax_sam._src.hessian_spectrum import (
   spectral_density_on_grid,
 )
 from optax_sam._src.hvp import hvp_fn
+from optax_sam._src.sam_sharpness import SAMSharpness, sam_sharpness
 from optax_sam._src.trace_estimators import HessianTrace, hessian_trace
 
 __all__ = (
+  'AverageSharpness',
   'HessianEigenvalues',
   'HessianTrace',
+  'SAMSharpness',
   'SpectralDensity',
+  'WorstCaseSharpness',
+  'average_sharpness',
   'hessian_eigenvalues',
   'hessian_spectral_density',
   'hessian_trace',
   'hvp_fn',
+  'sam_sharpness',
   'spectral_density_on_grid',
+  'worst_case_sharpness',
 )

@@ -1,4 +1,4 @@
-r"""The Hessian's extreme eigenvalues (Lanczos) and its spectral density (stochastic Lanczos quadrature).
+r"""The Hessian's extreme eigenvalues (Lanczos) and its spectral density (SLQ).
 
 Both run the pytree Lanczos process of :mod:`optax_sam._src.lanczos` on the
 Hessian-vector products of ``loss_fn`` at ``params`` and never form the
@@ -10,10 +10,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optax_sam._src import chunking
+from optax_sam._src import chunking, numerics
 from optax_sam._src import hvp as hvp_lib
 from optax_sam._src import lanczos as lanczos_lib
-from optax_sam._src import numerics
 
 DEFAULT_EIGEN_STEPS = 20
 DEFAULT_SLQ_STEPS = 32

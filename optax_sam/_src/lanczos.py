@@ -39,8 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_sam._src import hvp as hvp_lib
-from optax_sam._src import numerics
-from optax_sam._src import tree_basis
+from optax_sam._src import numerics, tree_basis
 
 
 class LanczosResult(NamedTuple):

@@ -5,11 +5,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optax_sam._src import chunking
+from optax_sam._src import chunking, numerics, tree_basis
 from optax_sam._src import hvp as hvp_lib
 from optax_sam._src import lanczos as lanczos_lib
-from optax_sam._src import numerics
-from optax_sam._src import tree_basis
 
 DEFAULT_TRACE_PROBES = 60
 
