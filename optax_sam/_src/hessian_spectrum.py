@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optax_sam._src import chunking, numerics
+from optax_sam._src import chunking, numerics, tree_basis
 from optax_sam._src import hvp as hvp_lib
 from optax_sam._src import lanczos as lanczos_lib
 
@@ -147,7 +147,7 @@ def hessian_eigenvalues(
     ),
     run.basis,
   )
-  norms = jax.vmap(numerics.global_norm)(eigvecs)
+  norms = jax.vmap(tree_basis.norm)(eigvecs)
   eigvecs = jax.tree.map(
     lambda y: (
       y / jnp.where(norms > 0, norms, 1).reshape((-1,) + (1,) * (y.ndim - 1)).astype(y.dtype)
@@ -160,7 +160,7 @@ def hessian_eigenvalues(
     y, theta = args
     hy = hvp(y)
     r = jax.tree.map(lambda a, b: a.astype(theta.dtype) - theta * b.astype(theta.dtype), hy, y)
-    return numerics.global_norm(r)
+    return tree_basis.norm(r)
 
   residuals = jax.lax.map(residual, (eigvecs, eigenvalues))
   second_ok = ok[1] if num_steps > 1 else jnp.zeros([], bool)

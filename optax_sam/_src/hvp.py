@@ -55,8 +55,12 @@ def loss(loss_fn: LossFn, params: Any, batch: Any, num_chunks: int = 1) -> jax.A
 def random_like(key: jax.Array, tree: Any, kind: str = 'rademacher') -> Any:
   """Independent entries with the structure, shapes and dtypes of ``tree``.
 
+  The entries are drawn as one flat vector (one random-number call however
+  many leaves ``tree`` has, which keeps compiled loops small) and cut into the
+  leaves' shapes.
+
   Args:
-    key: a PRNG key; each leaf draws from ``fold_in(key, leaf_index)``.
+    key: a PRNG key.
     tree: the template.
     kind: ``'rademacher'`` (entries +-1), ``'normal'`` (standard normal) or
       ``'uniform'`` (uniform in ``[-1, 1)``).
@@ -65,18 +69,22 @@ def random_like(key: jax.Array, tree: Any, kind: str = 'rademacher') -> Any:
     A tree like ``tree`` of random entries.
   """
   leaves, treedef = jax.tree.flatten(tree)
-  out = []
-  for i, leaf in enumerate(leaves):
-    k = jax.random.fold_in(key, i)
-    shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
-    if kind == 'rademacher':
-      out.append(jax.random.rademacher(k, shape, dtype))
-    elif kind == 'normal':
-      out.append(jax.random.normal(k, shape, dtype))
-    elif kind == 'uniform':
-      out.append(jax.random.uniform(k, shape, dtype, -1.0, 1.0))
-    else:
-      raise ValueError(f"kind must be 'rademacher', 'normal' or 'uniform', got {kind!r}.")
+  sizes = [int(jnp.size(leaf)) for leaf in leaves]
+  n = sum(sizes)
+  dtype = jnp.promote_types(jnp.float32, jnp.result_type(*leaves)) if leaves else jnp.float32
+  if kind == 'rademacher':
+    flat = jax.random.rademacher(key, (n,), dtype)
+  elif kind == 'normal':
+    flat = jax.random.normal(key, (n,), dtype)
+  elif kind == 'uniform':
+    flat = jax.random.uniform(key, (n,), dtype, -1.0, 1.0)
+  else:
+    raise ValueError(f"kind must be 'rademacher', 'normal' or 'uniform', got {kind!r}.")
+  out, offset = [], 0
+  for leaf, size in zip(leaves, sizes, strict=True):
+    part = jax.lax.slice_in_dim(flat, offset, offset + size)
+    out.append(part.reshape(jnp.shape(leaf)).astype(jnp.result_type(leaf)))
+    offset += size
   return jax.tree.unflatten(treedef, out)
 
 

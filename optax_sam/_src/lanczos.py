@@ -79,7 +79,7 @@ def lanczos(
   dtype = numerics.accumulation_dtype(v0)
   rtol = default_rtol(dtype) if rtol is None else rtol
   m = num_steps
-  norm0 = numerics.global_norm(v0)
+  norm0 = tree_basis.norm(v0)
   v0 = numerics.scale_tree(v0, numerics.safe_ratio(jnp.ones([], dtype), norm0))
   basis = tree_basis.put(tree_basis.zeros(v0, m + 1), 0, v0)
   init = (
@@ -94,20 +94,20 @@ def lanczos(
     basis, alphas, betas, valid, hnorm = carry
     v = tree_basis.get(basis, j)
     hv = matvec(v)
-    hnorm = jnp.maximum(hnorm, numerics.global_norm(hv))
+    hnorm = jnp.maximum(hnorm, tree_basis.norm(hv))
     alpha = numerics.vdot(v, hv)
     w = tree_basis.project_out(basis, hv)  # removes alpha v_j, beta v_{j-1} and roundoff
-    beta = numerics.global_norm(w)
+    beta = tree_basis.norm(w)
     broke = beta <= rtol * hnorm
 
     def proceed(_):
       return numerics.scale_tree(w, 1 / jnp.where(broke, 1, beta)), beta, valid[j]
 
     def restart(_):
-      r = hvp_lib.random_like(jax.random.fold_in(key, j), v, 'normal')
-      before = numerics.global_norm(r)
+      r = hvp_lib.random_like(jax.random.fold_in(key, j), v, 'rademacher')
+      before = tree_basis.norm(r)
       r = tree_basis.project_out(basis, r)
-      after = numerics.global_norm(r)
+      after = tree_basis.norm(r)
       fresh = valid[j] & (after > jnp.sqrt(rtol) * before)
       r = numerics.scale_tree(r, jnp.where(fresh, 1 / jnp.where(fresh, after, 1), 0))
       return r, jnp.zeros([], dtype), fresh

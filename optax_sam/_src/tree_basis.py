@@ -26,10 +26,18 @@ def get(basis: Any, i: Any) -> Any:
 
 
 def put(basis: Any, i: Any, vector: Any) -> Any:
-  """``basis`` with vector ``i`` replaced by ``vector`` (``i`` may be traced)."""
-  return jax.tree.map(
-    lambda b, v: jax.lax.dynamic_update_index_in_dim(b, v.astype(b.dtype), i, 0), basis, vector
-  )
+  """``basis`` with vector ``i`` replaced by ``vector`` (``i`` may be traced).
+
+  A select over the leading axis rather than a dynamic update slice: it
+  costs a pass over the basis (as the reorthogonalization does anyway) and
+  accepts any sharding of ``vector`` under explicitly sharded ``jit``.
+  """
+
+  def one(b, v):
+    rows = jax.lax.broadcasted_iota(jnp.int32, (b.shape[0],) + (1,) * v.ndim, 0)
+    return jnp.where(rows == i, v.astype(b.dtype)[None], b)
+
+  return jax.tree.map(one, basis, vector)
 
 
 def coefficients(basis: Any, vector: Any) -> jax.Array:
@@ -94,11 +102,22 @@ def orthonormalize(basis: Any, rtol: float) -> tuple[Any, jax.Array]:
   def body(i, carry):
     q, kept = carry
     v = get(basis, i)
-    before = numerics.global_norm(v)
+    before = norm(v)
     v = project_out(q, v)
-    after = numerics.global_norm(v)
+    after = norm(v)
     keep = after > rtol * before
     scale = jnp.where(keep, 1 / jnp.where(keep, after, 1), 0)
     return put(q, i, numerics.scale_tree(v, scale)), kept.at[i].set(keep)
 
   return jax.lax.fori_loop(0, m, body, (q, kept))
+
+
+def norm(vector: Any) -> jax.Array:
+  """The global L2 norm of one vector, in :func:`numerics.accumulation_dtype`.
+
+  A plain square root of the sum of squares: the vectors of these algorithms
+  are unit vectors and Hessian-vector products of them, far from overflow, so
+  the overflow-safe :func:`numerics.global_norm` (a ``lax.cond`` per call, a
+  large share of the compiled loop) is not needed.
+  """
+  return jnp.sqrt(numerics.vdot(vector, vector))
