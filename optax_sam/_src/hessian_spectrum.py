@@ -75,10 +75,13 @@ def hessian_eigenvalues(
     r_i = \| H y_i - \theta_i y_i \|.
 
   Extreme eigenvalues converge first, at a rate set by the gap to the next
-  one (Kaniel-Paige); 20 steps typically resolve the top few eigenvalues of a
-  network's Hessian to several digits, where power iteration needs hundreds
-  of products. With fewer parameters than ``num_steps`` the Krylov space is
-  the whole space: the process restarts after each invariant subspace, stops
+  one (Kaniel-Paige, roughly :math:`e^{-4 m \sqrt{\gamma}}` for a relative
+  gap :math:`\gamma`, against :math:`(\lambda_2 / \lambda_1)^{2m}` for power
+  iteration): on a quadratic whose top eigenvalues are 10 and 9, 20 steps give
+  :math:`\lambda_{max}` to float32 precision, where power iteration with
+  PyHessian's stopping rule stops at about 0.4% error. With fewer parameters
+  than ``num_steps`` the Krylov space is the whole space: the process
+  restarts after each invariant subspace, stops
   when no direction is left, and the answers are exact (no spurious or zero
   eigenvalues from the unused steps).
 
