@@ -101,3 +101,25 @@ def test_a_model_without_dropout_or_batchnorm():
   # loss = mean((x W + b)^2): Hessian of (W, b) is 2/3 [[I, 1], [1^T, 3]], trace 2/3 * 6 = 4.
   t = sharpness.hessian_trace(loss_fn, params, x, key=jax.random.key(0), num_probes=300)
   assert abs(float(t.estimate) - 4.0) < 4 * float(t.stderr)
+
+
+def test_every_python_block_of_docs_sharpness_md_runs():
+  import pathlib
+  import re
+
+  text = (pathlib.Path(__file__).parent.parent / 'docs' / 'sharpness.md').read_text()
+  blocks = re.findall(r'```python\n(.*?)```', text, flags=re.DOTALL)
+  assert len(blocks) >= 6
+  # The first block is the overview: give it a loss, parameters, a batch and a key.
+  w = jnp.array([1.0, -2.0])
+  namespace = {
+    '__name__': 'docs_sharpness_md',
+    'loss_fn': lambda p, b: jnp.mean((b @ p - b @ w) ** 2),
+    'params': jnp.zeros(2),
+    'batch': jax.random.normal(jax.random.key(0), (8, 2)),
+    'key': jax.random.key(1),
+  }
+  for block in blocks:
+    exec(compile(block, 'docs/sharpness.md', 'exec'), namespace)  # the blocks assert their results
+  assert namespace['eig'].eigenvalues.shape == (2,)
+  assert namespace['top'] is not None
