@@ -70,11 +70,13 @@ def lanczos(
   num_steps: int,
   key: jax.Array,
   rtol: float | None = None,
+  unroll: bool = False,
 ) -> LanczosResult:
   """Runs ``num_steps`` Lanczos steps of ``matvec`` from ``v0`` (normalized here).
 
   Costs ``num_steps`` products and stores ``num_steps + 1`` vectors like
-  ``v0``. ``key`` draws the restart vectors after a breakdown.
+  ``v0``. ``key`` draws the restart vectors after a breakdown. ``unroll``
+  unrolls the loop (see :func:`optax_sam.sharpness.hessian_eigenvalues`).
   """
   dtype = numerics.accumulation_dtype(v0)
   rtol = default_rtol(dtype) if rtol is None else rtol
@@ -123,7 +125,7 @@ def lanczos(
       hnorm,
     )
 
-  basis, alphas, betas, valid, _ = jax.lax.fori_loop(0, m, step, init)
+  basis, alphas, betas, valid, _ = jax.lax.fori_loop(0, m, step, init, unroll=unroll or None)
   basis = jax.tree.map(lambda b: b[:m], basis)
   return LanczosResult(alphas=alphas, betas=betas[: m - 1], basis=basis, valid=valid[:m])
 
