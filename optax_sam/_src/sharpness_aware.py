@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_sam._src import corrections
+from optax_sam._src import momentum_sam as momentum_sam_lib
 
 GradFn = Callable[[optax.Params], optax.Updates]
 
@@ -229,9 +230,10 @@ def clean_params(params: optax.Params, state: optax.OptState) -> optax.Params:
 
   Between the two calls of a two-phase step the model holds ``w + e``; this
   returns ``w`` then, and ``params`` otherwise (also for one-call states, which
-  never leave the weights perturbed). ``state`` may be the SAM state itself or
-  any state containing it (``optax.chain``, ``optax.inject_hyperparams``,
-  ``optax.MultiSteps``).
+  never leave the weights perturbed). A :func:`momentum_sam` state always
+  holds perturbed weights: this returns its clean ``w``. ``state`` may be the
+  SAM state itself or any state containing it (``optax.chain``,
+  ``optax.inject_hyperparams``, ``optax.MultiSteps``).
 
   Args:
     params: the weights the model holds now.
@@ -253,10 +255,13 @@ def clean_params(params: optax.Params, state: optax.OptState) -> optax.Params:
     Foret et al., 2021: https://arxiv.org/abs/2010.01412
   """
   states = _two_phase_states(state)
+  momentum_states = momentum_sam_lib.momentum_sam_states(state)
+  if len(states) + len(momentum_states) > 1:
+    raise ValueError('clean_params found more than one two-phase SAM state in the state.')
+  if momentum_states:
+    return momentum_sam_lib.clean_weights(params, momentum_states[0])
   if not states:
     return params
-  if len(states) > 1:
-    raise ValueError('clean_params found more than one two-phase SAM state in the state.')
   (sam_state,) = states
   return optax.tree.where(sam_state.phase == 1, sam_state.clean_params, params)
 
