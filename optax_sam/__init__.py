@@ -1,7 +1,7 @@
 """optax_sam: the Sharpness-Aware Minimization family as composable Optax transformations."""
 
 from optax_sam._src.adaptive import not_bias_mask
-from optax_sam._src.aliases import asam, friendly_sam, gsam, sam, stable_sam
+from optax_sam._src.aliases import asam, friendly_sam, gsam, look_sam, sam, stable_sam
 from optax_sam._src.corrections import (
   Correction,
   gsam_correction,
@@ -53,6 +53,7 @@ __all__ = (
   'gsam',
   'gsam_correction',
   'is_perturbed',
+  'look_sam',
   'look_sam_correction',
   'momentum_sam',
   'no_correction',

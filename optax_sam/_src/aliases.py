@@ -5,13 +5,16 @@ from typing import Any, Optional
 import optax
 
 from optax_sam._src import adaptive as adaptive_lib
-from optax_sam._src import corrections, perturbations
+from optax_sam._src import corrections, perturbations, policies
 from optax_sam._src import sharpness_aware as wrapper
 
 _DISTRIBUTED_ARGS = """    axis_name: the ``pmap``/``shard_map`` axis to average gradients over.
     local_perturbation: perturb each device with its own gradient
       (m-sharpness) instead of the averaged one.
-    two_phase: alternate two calls instead of calling ``grad_fn``."""
+    two_phase: alternate two calls instead of calling ``grad_fn``.
+    when: a policy (:func:`every`, :func:`after`, :func:`randomly`,
+      :func:`ae_sam`) choosing which steps are SAM steps; the others are
+      plain base-optimizer steps that skip ``grad_fn`` (``None``: all SAM)."""
 
 
 def _build(
@@ -21,6 +24,7 @@ def _build(
   axis_name: Optional[str],
   local_perturbation: bool,
   two_phase: bool,
+  when: Optional[policies.Policy],
 ) -> optax.GradientTransformationExtraArgs:
   return wrapper.sharpness_aware(
     base_optimizer,
@@ -29,6 +33,7 @@ def _build(
     axis_name=axis_name,
     local_perturbation=local_perturbation,
     two_phase=two_phase,
+    when=when,
   )
 
 
@@ -58,6 +63,7 @@ def sam(
   axis_name: Optional[str] = None,
   local_perturbation: bool = False,
   two_phase: bool = False,
+  when: Optional[policies.Policy] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization around any optax optimizer.
 
@@ -105,7 +111,7 @@ def sam(
   ascent, correction = _ascent_and_correction(
     rho, normalize, adaptive, eta, adaptive_mask, stable, eps
   )
-  return _build(base_optimizer, ascent, correction, axis_name, local_perturbation, two_phase)
+  return _build(base_optimizer, ascent, correction, axis_name, local_perturbation, two_phase, when)
 
 
 def asam(
@@ -120,6 +126,7 @@ def asam(
   axis_name: Optional[str] = None,
   local_perturbation: bool = False,
   two_phase: bool = False,
+  when: Optional[policies.Policy] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adaptive SAM: SAM in the parameter-scaled space :math:`T = |w| + \eta`.
 
@@ -166,6 +173,7 @@ def asam(
     axis_name=axis_name,
     local_perturbation=local_perturbation,
     two_phase=two_phase,
+    when=when,
   )
 
 
@@ -185,6 +193,7 @@ def friendly_sam(
   axis_name: Optional[str] = None,
   local_perturbation: bool = False,
   two_phase: bool = False,
+  when: Optional[policies.Policy] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Friendly-SAM: SAM whose ascent ignores the full-gradient component.
 
@@ -232,7 +241,9 @@ def friendly_sam(
   )
   direction = perturbations.friendly_direction(sigma, lmbda, ema_dtype=ema_dtype)
   perturbation = optax.chain(direction, ascent)
-  return _build(base_optimizer, perturbation, correction, axis_name, local_perturbation, two_phase)
+  return _build(
+    base_optimizer, perturbation, correction, axis_name, local_perturbation, two_phase, when
+  )
 
 
 def stable_sam(
@@ -247,6 +258,7 @@ def stable_sam(
   axis_name: Optional[str] = None,
   local_perturbation: bool = False,
   two_phase: bool = False,
+  when: Optional[policies.Policy] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""StableSAM: unnormalized SAM whose perturbed gradient keeps the clean norm.
 
@@ -296,6 +308,7 @@ def stable_sam(
     axis_name=axis_name,
     local_perturbation=local_perturbation,
     two_phase=two_phase,
+    when=when,
   )
 
 
@@ -308,6 +321,7 @@ def gsam(
   axis_name: Optional[str] = None,
   local_perturbation: bool = False,
   two_phase: bool = False,
+  when: Optional[policies.Policy] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Surrogate Gap Guided SAM: SAM plus a step against the surrogate gap.
 
@@ -341,8 +355,75 @@ def gsam(
   """
   ascent = perturbations.ascent(rho, eps=eps)
   correction = corrections.gsam_correction(alpha, eps=eps)
-  return _build(base_optimizer, ascent, correction, axis_name, local_perturbation, two_phase)
+  return _build(base_optimizer, ascent, correction, axis_name, local_perturbation, two_phase, when)
 
 
-for _alias in (sam, asam, friendly_sam, stable_sam, gsam):
+def look_sam(
+  base_optimizer: optax.GradientTransformation,
+  rho: perturbations.ScalarOrSchedule = 0.1,
+  alpha: float = 0.7,
+  k: int = 5,
+  *,
+  eps: float = 1e-12,
+  axis_name: Optional[str] = None,
+  local_perturbation: bool = False,
+  two_phase: bool = False,
+  when: Optional[policies.Policy] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""LookSAM: a SAM step every ``k`` steps, its extra direction reused in between.
+
+    On steps ``0, k, 2k, ...`` a SAM step (:math:`e = \rho g / (\|g\| + \epsilon)`)
+    that also stores the unit component of ``g_adv`` orthogonal to ``g``,
+
+    .. math::
+
+      v = g_{adv} - \frac{\langle g_{adv}, g\rangle}{\|g\|^2 + \epsilon} g,
+      \qquad \hat v = v / \|v\|;
+
+    on the other steps the base optimizer gets :math:`g + \alpha \|g\| \hat v`
+    and ``grad_fn`` is not evaluated (:func:`look_sam_correction` with
+    ``when=every(k)``). ``k = 1`` is SAM; ``alpha = 0`` is ``sam(...,
+    when=every(k))``. Its state holds one parameter-sized buffer.
+
+    Args:
+      base_optimizer: the optax optimizer that receives the gradients.
+      rho: perturbation radius (``>= 0``) or a schedule.
+      alpha: weight of the reused direction (``>= 0``).
+      k: the period of SAM steps (an integer ``>= 1``).
+      eps: added to norms in denominators (``>= 0``).
+  {distributed}
+      The default ``when=None`` is ``every(k)``; another policy replaces it
+      (``ae_sam`` gives the AE-LookSAM of Jiang et al. 2023), and ``k`` is
+      then unused.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` (see :func:`sam`).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, optax_sam
+      >>> loss = lambda w: jnp.sum(w ** 4)
+      >>> tx = optax_sam.look_sam(optax.sgd(0.1), rho=0.1, alpha=0.7, k=5)
+      >>> w = jnp.array([1.0, -1.0])
+      >>> state = tx.init(w)
+      >>> for _ in range(3):
+      ...   u, state = tx.update(jax.grad(loss)(w), state, w, grad_fn=jax.grad(loss))
+      ...   w = optax.apply_updates(w, u)
+
+    References:
+      Liu et al., 2022, "Towards Efficient and Scalable Sharpness-Aware
+      Minimization": https://arxiv.org/abs/2203.02714
+  """
+  policy = policies.every(k) if when is None else when
+  return _build(
+    base_optimizer,
+    perturbations.ascent(rho, eps=eps),
+    corrections.look_sam_correction(alpha, eps=eps),
+    axis_name,
+    local_perturbation,
+    two_phase,
+    policy,
+  )
+
+
+for _alias in (sam, asam, friendly_sam, stable_sam, gsam, look_sam):
   _alias.__doc__ = _alias.__doc__.replace('{distributed}', _DISTRIBUTED_ARGS)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_sam._src import corrections
+from optax_sam._src import corrections, policies
 from optax_sam._src import momentum_sam as momentum_sam_lib
 
 GradFn = Callable[[optax.Params], optax.Updates]
@@ -19,10 +19,15 @@ class SAMState(NamedTuple):
   Attributes:
     perturbation_state: state of the perturbation (e.g. F-SAM's EMA).
     base_state: state of the base optimizer.
+    policy_state: state of the ``when`` policy (empty without one).
+    memory: what the correction keeps across steps (LookSAM's direction;
+      empty for the others).
   """
 
   perturbation_state: optax.OptState
   base_state: optax.OptState
+  policy_state: Any = optax.EmptyState()
+  memory: Any = optax.EmptyState()
 
 
 class TwoPhaseSAMState(NamedTuple):
@@ -36,6 +41,8 @@ class TwoPhaseSAMState(NamedTuple):
       clean norm for StableSAM, the clean gradient for GSAM).
     perturbation_state: state of the perturbation (e.g. F-SAM's EMA).
     base_state: state of the base optimizer.
+    policy_state: state of the ``when`` policy (empty without one).
+    memory: what the correction keeps across steps (LookSAM's direction).
   """
 
   phase: jax.Array
@@ -43,6 +50,8 @@ class TwoPhaseSAMState(NamedTuple):
   prepared: Any
   perturbation_state: optax.OptState
   base_state: optax.OptState
+  policy_state: Any = optax.EmptyState()
+  memory: Any = optax.EmptyState()
 
 
 def _average(tree: Any, axis_name: Optional[str]) -> Any:
@@ -74,6 +83,7 @@ def sharpness_aware(
   axis_name: Optional[str] = None,
   local_perturbation: bool = False,
   two_phase: bool = False,
+  when: Optional[policies.Policy] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Builds a SAM-family optimizer from a perturbation, a correction and a base optimizer.
 
@@ -102,6 +112,19 @@ def sharpness_aware(
   perturbation receives the averaged gradient as the extra argument
   ``mean_grads``, and the base optimizer always gets the average.
 
+  With a ``when`` policy (:func:`every`, :func:`after`, :func:`randomly`,
+  :func:`ae_sam`) each step is either a SAM step or a *plain* step, chosen
+  from the averaged clean gradient and the policy's state, so that every
+  device chooses alike. A plain step gives the base optimizer ``g`` (or, for a
+  correction with a memory such as LookSAM's, ``correction.reuse(memory, g)``)
+  and does not evaluate ``grad_fn``: the branch is a ``lax.cond``, so its cost
+  under ``jit`` is a base step's. The base optimizer's state carries across
+  both kinds of steps. The perturbation runs on every step and its state
+  advances on plain steps too (its ``e`` is discarded): F-SAM's EMA keeps
+  tracking ``g``, and a ``rho`` schedule is indexed by the count of all
+  updates, SAM or plain. In two-phase mode a plain step is one call (it
+  receives ``g`` and returns the base update; the phase stays 0).
+
   Args:
     base_optimizer: any optax transformation; it receives ``g_sam`` and the
       unperturbed weights, and any extra keyword arguments of ``update``.
@@ -111,6 +134,7 @@ def sharpness_aware(
     axis_name: the mapped axis to average gradients over, or ``None``.
     local_perturbation: perturb each device with its own gradient.
     two_phase: use alternating calls instead of ``grad_fn``.
+    when: a :class:`Policy` choosing SAM steps (``None``: every step).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` takes
@@ -140,18 +164,44 @@ def sharpness_aware(
   reduce_first = None if local_perturbation else axis_name  # average before the perturbation
   reduce_last = axis_name if local_perturbation else None  # average after the correction
 
-  def perturb(grads, state, params):
+  def perturb(grads, state, params, mean_grads=None):
     """The clean half of a step: ``(g, e, perturbation state)`` for this device."""
-    mean_grads = _average(grads, axis_name)
+    if mean_grads is None:
+      mean_grads = _average(grads, axis_name)
     g = grads if local_perturbation else mean_grads
     e, new_state = perturbation.update(g, state, params, mean_grads=mean_grads)
     return g, e, new_state
 
+  def remember(memory, prepared, g_sam):
+    """The correction's memory after a SAM step (``g_sam`` already averaged)."""
+    if correction.remember is None:
+      return memory
+    return correction.remember(memory, _average(prepared, reduce_last), g_sam)
+
+  def plain_step(grads, mean_grads, state, params, extra):
+    """A step without a second gradient: the base optimizer on ``g`` (or the correction's reuse)."""
+    _, _, perturbation_state = perturb(grads, state.perturbation_state, params, mean_grads)
+    g = mean_grads if correction.reuse is None else correction.reuse(state.memory, mean_grads)
+    updates, base_state = base_optimizer.update(
+      optax.tree.cast_like(g, params), state.base_state, params, **extra
+    )
+    new_state = state._replace(perturbation_state=perturbation_state, base_state=base_state)
+    return optax.tree.cast_like(updates, params), new_state
+
+  def decide(mean_grads, state):
+    """``(is_sam, state with the policy's next state)``; always SAM without a policy."""
+    if when is None:
+      return jnp.asarray(True), state
+    is_sam, policy_state = when.decide(mean_grads, state.policy_state)
+    return is_sam, state._replace(policy_state=policy_state)
+
   def init_fn(params):
     perturbation_state = perturbation.init(params)
     base_state = base_optimizer.init(params)
+    policy_state = optax.EmptyState() if when is None else when.init()
+    memory = correction.init_memory(params)
     if not two_phase:
-      return SAMState(perturbation_state, base_state)
+      return SAMState(perturbation_state, base_state, policy_state, memory)
     # Built from the params' own arrays, so that the state's shardings follow theirs;
     # the copy keeps params and state from aliasing when both are donated.
     return TwoPhaseSAMState(
@@ -160,6 +210,8 @@ def sharpness_aware(
       prepared=correction.init(params),
       perturbation_state=perturbation_state,
       base_state=base_state,
+      policy_state=policy_state,
+      memory=memory,
     )
 
   def one_call_update(grads, state, params=None, *, grad_fn: Optional[GradFn] = None, **extra):
@@ -173,15 +225,30 @@ def sharpness_aware(
         'jax.grad(loss_fn)(p, batch)), which returns the gradient at the weights it is '
         'given. For loops that cannot pass it, build the optimizer with two_phase=True.'
       )
-    g, e, perturbation_state = perturb(grads, state.perturbation_state, params)
-    perturbed = optax.apply_updates(params, e)
-    g_adv = grad_fn(perturbed)
-    _check_grad_fn_output(g_adv, grads)
-    g_adv = _average(g_adv, reduce_first)
-    g_sam = correction.apply(correction.prepare(g, params), g_adv, perturbed)
-    g_sam = _average(g_sam, reduce_last)
-    updates, base_state = base_optimizer.update(g_sam, state.base_state, params, **extra)
-    return optax.tree.cast_like(updates, params), SAMState(perturbation_state, base_state)
+    mean_grads = _average(grads, axis_name)
+    is_sam, state = decide(mean_grads, state)
+
+    def sam_step(state):
+      g, e, perturbation_state = perturb(grads, state.perturbation_state, params, mean_grads)
+      perturbed = optax.apply_updates(params, e)
+      g_adv = grad_fn(perturbed)
+      _check_grad_fn_output(g_adv, grads)
+      g_adv = _average(g_adv, reduce_first)
+      prepared = correction.prepare(g, params)
+      g_sam = correction.apply(prepared, g_adv, perturbed)
+      g_sam = _average(g_sam, reduce_last)
+      updates, base_state = base_optimizer.update(g_sam, state.base_state, params, **extra)
+      new_state = state._replace(
+        perturbation_state=perturbation_state,
+        base_state=base_state,
+        memory=remember(state.memory, prepared, g_sam),
+      )
+      return optax.tree.cast_like(updates, params), new_state
+
+    if when is None:
+      return sam_step(state)
+    plain = lambda state: plain_step(grads, mean_grads, state, params, extra)
+    return jax.lax.cond(is_sam, sam_step, plain, state)
 
   def two_phase_update(grads, state, params=None, **extra):
     if params is None:
@@ -189,8 +256,8 @@ def sharpness_aware(
     extra.pop('grad_fn', None)
 
     def ascent_call(operands):
-      grads, state, params = operands
-      g, e, perturbation_state = perturb(grads, state.perturbation_state, params)
+      grads, mean_grads, state, params = operands
+      g, e, perturbation_state = perturb(grads, state.perturbation_state, params, mean_grads)
       new_state = state._replace(
         phase=jnp.ones_like(state.phase),
         clean_params=params,
@@ -208,10 +275,29 @@ def sharpness_aware(
       )
       target = optax.apply_updates(state.clean_params, base_updates)
       updates = optax.tree.sub(target, params)  # lands on target from w + e
-      return updates, state._replace(phase=jnp.zeros_like(state.phase), base_state=base_state)
+      new_state = state._replace(
+        phase=jnp.zeros_like(state.phase),
+        base_state=base_state,
+        memory=remember(state.memory, state.prepared, g_sam),
+      )
+      return updates, new_state
+
+    def clean_call(operands):
+      """A call at the clean weights: the ascent, or (``when`` says so) a whole plain step."""
+      grads, state, params = operands
+      mean_grads = _average(grads, axis_name)
+      is_sam, state = decide(mean_grads, state)
+      if when is None:
+        return ascent_call((grads, mean_grads, state, params))
+
+      def plain_call(operands):
+        grads, mean_grads, state, params = operands
+        return plain_step(grads, mean_grads, state, params, extra)
+
+      return jax.lax.cond(is_sam, ascent_call, plain_call, (grads, mean_grads, state, params))
 
     grads = optax.tree.cast_like(grads, params)
-    return jax.lax.cond(state.phase == 0, ascent_call, descent_call, (grads, state, params))
+    return jax.lax.cond(state.phase == 0, clean_call, descent_call, (grads, state, params))
 
   update_fn = two_phase_update if two_phase else one_call_update
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
