@@ -28,6 +28,7 @@ from optax_sam._src.sharpness_aware import (
   is_perturbed,
   sharpness_aware,
 )
+from optax_sam._src.statistics import SAMStatistics, step_statistics
 
 __version__ = '0.1.0'
 
@@ -41,6 +42,7 @@ __all__ = (
   'Policy',
   'RandomState',
   'SAMState',
+  'SAMStatistics',
   'TwoPhaseSAMState',
   'ae_sam',
   'after',
@@ -63,4 +65,5 @@ __all__ = (
   'sharpness_aware',
   'stable_correction',
   'stable_sam',
+  'step_statistics',
 )

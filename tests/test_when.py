@@ -356,3 +356,14 @@ def test_every_device_takes_the_same_branch(policy, local):
 def test_bad_input_names_the_parameter_and_its_range(make, message):
   with pytest.raises(ValueError, match=message):
     make()
+
+
+@pytest.mark.parametrize('two_phase', [False, True])
+def test_statistics_on_a_plain_step_record_the_clean_norm(two_phase):
+  params, _, grad_fn = helpers.problem()
+  tx = optax_sam.sam(_base(), statistics=True, two_phase=two_phase, when=optax_sam.after(1))
+  g = grad_fn(params)
+  _, state = tx.update(g, tx.init(params), params, grad_fn=grad_fn)  # step 0: plain
+  stats = optax_sam.step_statistics(state)
+  assert float(stats.grad_norm) == pytest.approx(float(optax.tree.norm(g)), rel=1e-6)
+  assert float(stats.adv_grad_norm) == 0.0 and float(stats.perturbation_norm) == 0.0

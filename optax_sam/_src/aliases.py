@@ -12,6 +12,10 @@ _DISTRIBUTED_ARGS = """    axis_name: the ``pmap``/``shard_map`` axis to average
     local_perturbation: perturb each device with its own gradient
       (m-sharpness) instead of the averaged one.
     two_phase: alternate two calls instead of calling ``grad_fn``.
+    statistics: keep the step's statistics in the state (read them with
+      :func:`step_statistics`); off by default, and free when off.
+    perturb_in_param_dtype: hand ``grad_fn`` ``w + e`` in the params' dtype;
+      by default params narrower than float32 get float32 ``w + e`` there.
     when: a policy (:func:`every`, :func:`after`, :func:`randomly`,
       :func:`ae_sam`) choosing which steps are SAM steps; the others are
       plain base-optimizer steps that skip ``grad_fn`` (``None``: all SAM)."""
@@ -24,6 +28,8 @@ def _build(
   axis_name: Optional[str],
   local_perturbation: bool,
   two_phase: bool,
+  statistics: bool,
+  perturb_in_param_dtype: bool,
   when: Optional[policies.Policy],
 ) -> optax.GradientTransformationExtraArgs:
   return wrapper.sharpness_aware(
@@ -33,6 +39,8 @@ def _build(
     axis_name=axis_name,
     local_perturbation=local_perturbation,
     two_phase=two_phase,
+    statistics=statistics,
+    perturb_in_param_dtype=perturb_in_param_dtype,
     when=when,
   )
 
@@ -63,6 +71,8 @@ def sam(
   axis_name: Optional[str] = None,
   local_perturbation: bool = False,
   two_phase: bool = False,
+  statistics: bool = False,
+  perturb_in_param_dtype: bool = False,
   when: Optional[policies.Policy] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization around any optax optimizer.
@@ -111,7 +121,17 @@ def sam(
   ascent, correction = _ascent_and_correction(
     rho, normalize, adaptive, eta, adaptive_mask, stable, eps
   )
-  return _build(base_optimizer, ascent, correction, axis_name, local_perturbation, two_phase, when)
+  return _build(
+    base_optimizer,
+    ascent,
+    correction,
+    axis_name,
+    local_perturbation,
+    two_phase,
+    statistics,
+    perturb_in_param_dtype,
+    when,
+  )
 
 
 def asam(
@@ -126,6 +146,8 @@ def asam(
   axis_name: Optional[str] = None,
   local_perturbation: bool = False,
   two_phase: bool = False,
+  statistics: bool = False,
+  perturb_in_param_dtype: bool = False,
   when: Optional[policies.Policy] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adaptive SAM: SAM in the parameter-scaled space :math:`T = |w| + \eta`.
@@ -173,6 +195,8 @@ def asam(
     axis_name=axis_name,
     local_perturbation=local_perturbation,
     two_phase=two_phase,
+    statistics=statistics,
+    perturb_in_param_dtype=perturb_in_param_dtype,
     when=when,
   )
 
@@ -193,6 +217,8 @@ def friendly_sam(
   axis_name: Optional[str] = None,
   local_perturbation: bool = False,
   two_phase: bool = False,
+  statistics: bool = False,
+  perturb_in_param_dtype: bool = False,
   when: Optional[policies.Policy] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Friendly-SAM: SAM whose ascent ignores the full-gradient component.
@@ -242,7 +268,15 @@ def friendly_sam(
   direction = perturbations.friendly_direction(sigma, lmbda, ema_dtype=ema_dtype)
   perturbation = optax.chain(direction, ascent)
   return _build(
-    base_optimizer, perturbation, correction, axis_name, local_perturbation, two_phase, when
+    base_optimizer,
+    perturbation,
+    correction,
+    axis_name,
+    local_perturbation,
+    two_phase,
+    statistics,
+    perturb_in_param_dtype,
+    when,
   )
 
 
@@ -258,6 +292,8 @@ def stable_sam(
   axis_name: Optional[str] = None,
   local_perturbation: bool = False,
   two_phase: bool = False,
+  statistics: bool = False,
+  perturb_in_param_dtype: bool = False,
   when: Optional[policies.Policy] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""StableSAM: unnormalized SAM whose perturbed gradient keeps the clean norm.
@@ -308,6 +344,8 @@ def stable_sam(
     axis_name=axis_name,
     local_perturbation=local_perturbation,
     two_phase=two_phase,
+    statistics=statistics,
+    perturb_in_param_dtype=perturb_in_param_dtype,
     when=when,
   )
 
@@ -321,6 +359,8 @@ def gsam(
   axis_name: Optional[str] = None,
   local_perturbation: bool = False,
   two_phase: bool = False,
+  statistics: bool = False,
+  perturb_in_param_dtype: bool = False,
   when: Optional[policies.Policy] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Surrogate Gap Guided SAM: SAM plus a step against the surrogate gap.
@@ -355,7 +395,17 @@ def gsam(
   """
   ascent = perturbations.ascent(rho, eps=eps)
   correction = corrections.gsam_correction(alpha, eps=eps)
-  return _build(base_optimizer, ascent, correction, axis_name, local_perturbation, two_phase, when)
+  return _build(
+    base_optimizer,
+    ascent,
+    correction,
+    axis_name,
+    local_perturbation,
+    two_phase,
+    statistics,
+    perturb_in_param_dtype,
+    when,
+  )
 
 
 def look_sam(
@@ -368,6 +418,8 @@ def look_sam(
   axis_name: Optional[str] = None,
   local_perturbation: bool = False,
   two_phase: bool = False,
+  statistics: bool = False,
+  perturb_in_param_dtype: bool = False,
   when: Optional[policies.Policy] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LookSAM: a SAM step every ``k`` steps, its extra direction reused in between.
@@ -421,6 +473,8 @@ def look_sam(
     axis_name,
     local_perturbation,
     two_phase,
+    statistics,
+    perturb_in_param_dtype,
     policy,
   )
 

@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_sam._src import corrections, policies
+from optax_sam._src import corrections, numerics, policies
 from optax_sam._src import momentum_sam as momentum_sam_lib
+from optax_sam._src import statistics as statistics_lib
 
 GradFn = Callable[[optax.Params], optax.Updates]
 
@@ -19,6 +20,8 @@ class SAMState(NamedTuple):
   Attributes:
     perturbation_state: state of the perturbation (e.g. F-SAM's EMA).
     base_state: state of the base optimizer.
+    statistics: the last step's :class:`SAMStatistics` with
+      ``statistics=True``, else an empty ``optax.EmptyState()``.
     policy_state: state of the ``when`` policy (empty without one).
     memory: what the correction keeps across steps (LookSAM's direction;
       empty for the others).
@@ -26,6 +29,7 @@ class SAMState(NamedTuple):
 
   perturbation_state: optax.OptState
   base_state: optax.OptState
+  statistics: Any = optax.EmptyState()
   policy_state: Any = optax.EmptyState()
   memory: Any = optax.EmptyState()
 
@@ -41,6 +45,8 @@ class TwoPhaseSAMState(NamedTuple):
       clean norm for StableSAM, the clean gradient for GSAM).
     perturbation_state: state of the perturbation (e.g. F-SAM's EMA).
     base_state: state of the base optimizer.
+    statistics: with ``statistics=True``, the statistics and the clean
+      gradient their cosine needs; else an empty ``optax.EmptyState()``.
     policy_state: state of the ``when`` policy (empty without one).
     memory: what the correction keeps across steps (LookSAM's direction).
   """
@@ -50,12 +56,25 @@ class TwoPhaseSAMState(NamedTuple):
   prepared: Any
   perturbation_state: optax.OptState
   base_state: optax.OptState
+  statistics: Any = optax.EmptyState()
   policy_state: Any = optax.EmptyState()
   memory: Any = optax.EmptyState()
 
 
 def _average(tree: Any, axis_name: Optional[str]) -> Any:
   return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
+def _widened(tree: Any, params: Any) -> Any:
+  """``tree`` with the leaves of params narrower than float32 cast to float32 (others as is)."""
+
+  def widen(x, w):
+    dtype = jnp.result_type(w)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+      return x.astype(jnp.float32)
+    return x
+
+  return jax.tree.map(widen, tree, params)
 
 
 def _check_grad_fn_output(g_adv: Any, grads: Any) -> None:
@@ -83,6 +102,8 @@ def sharpness_aware(
   axis_name: Optional[str] = None,
   local_perturbation: bool = False,
   two_phase: bool = False,
+  statistics: bool = False,
+  perturb_in_param_dtype: bool = False,
   when: Optional[policies.Policy] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Builds a SAM-family optimizer from a perturbation, a correction and a base optimizer.
@@ -123,7 +144,17 @@ def sharpness_aware(
   advances on plain steps too (its ``e`` is discarded): F-SAM's EMA keeps
   tracking ``g``, and a ``rho`` schedule is indexed by the count of all
   updates, SAM or plain. In two-phase mode a plain step is one call (it
-  receives ``g`` and returns the base update; the phase stays 0).
+  receives ``g`` and returns the base update; the phase stays 0). With
+  ``statistics=True`` a plain step records ``grad_norm`` and zeros elsewhere.
+
+  With ``statistics=True`` the state also keeps the step's own statistics
+  (:class:`SAMStatistics`: the two gradient norms, ``||e||``, their cosine,
+  F-SAM's EMA cosine and how much of ``e`` survived rounding), read with
+  :func:`step_statistics`. They cost a few reductions over quantities the step
+  has anyway, and need ``g`` and ``e`` beside the perturbed pass (at most two
+  parameter-sized temporaries; in two-phase mode one parameter-sized buffer in
+  the state, the clean gradient); off, the state and the compiled step are
+  exactly those without them.
 
   Args:
     base_optimizer: any optax transformation; it receives ``g_sam`` and the
@@ -134,6 +165,14 @@ def sharpness_aware(
     axis_name: the mapped axis to average gradients over, or ``None``.
     local_perturbation: perturb each device with its own gradient.
     two_phase: use alternating calls instead of ``grad_fn``.
+    statistics: keep the step's statistics in the state.
+    perturb_in_param_dtype: in one-call mode, hand ``grad_fn`` the perturbed
+      weights in the params' own dtype. By default, for params narrower than
+      float32 (bfloat16, float16) ``grad_fn`` receives float32 weights
+      ``w.astype(float32) + e`` with ``e`` kept in float32, since a
+      perturbation added in the narrow dtype mostly rounds away; its
+      gradient is cast back before the base optimizer. Two-phase mode always
+      holds ``w + e`` in the params' dtype (the statistics report the rounding).
     when: a :class:`Policy` choosing SAM steps (``None``: every step).
 
   Returns:
@@ -185,7 +224,16 @@ def sharpness_aware(
     updates, base_state = base_optimizer.update(
       optax.tree.cast_like(g, params), state.base_state, params, **extra
     )
-    new_state = state._replace(perturbation_state=perturbation_state, base_state=base_state)
+    stats = state.statistics
+    if statistics:
+      values = stats.values if two_phase else stats
+      values = statistics_lib.zeros(params)._replace(
+        grad_norm=numerics.global_norm(mean_grads).astype(values.grad_norm.dtype)
+      )
+      stats = stats._replace(values=values) if two_phase else values
+    new_state = state._replace(
+      perturbation_state=perturbation_state, base_state=base_state, statistics=stats
+    )
     return optax.tree.cast_like(updates, params), new_state
 
   def decide(mean_grads, state):
@@ -201,7 +249,14 @@ def sharpness_aware(
     policy_state = optax.EmptyState() if when is None else when.init()
     memory = correction.init_memory(params)
     if not two_phase:
-      return SAMState(perturbation_state, base_state, policy_state, memory)
+      stats = statistics_lib.zeros(params) if statistics else optax.EmptyState()
+      return SAMState(perturbation_state, base_state, stats, policy_state, memory)
+    if statistics:
+      stats = statistics_lib.TwoPhaseStatistics(
+        statistics_lib.zeros(params), jax.tree.map(jnp.zeros_like, params)
+      )
+    else:
+      stats = optax.EmptyState()
     # Built from the params' own arrays, so that the state's shardings follow theirs;
     # the copy keeps params and state from aliasing when both are donated.
     return TwoPhaseSAMState(
@@ -210,6 +265,7 @@ def sharpness_aware(
       prepared=correction.init(params),
       perturbation_state=perturbation_state,
       base_state=base_state,
+      statistics=stats,
       policy_state=policy_state,
       memory=memory,
     )
@@ -225,28 +281,38 @@ def sharpness_aware(
         'jax.grad(loss_fn)(p, batch)), which returns the gradient at the weights it is '
         'given. For loops that cannot pass it, build the optimizer with two_phase=True.'
       )
-    mean_grads = _average(grads, axis_name)
-    is_sam, state = decide(mean_grads, state)
+    # For narrow params the perturbed pass sees float32 w + e (a transient copy).
+    wide = (lambda t: t) if perturb_in_param_dtype else (lambda t: _widened(t, params))
 
     def sam_step(state):
-      g, e, perturbation_state = perturb(grads, state.perturbation_state, params, mean_grads)
-      perturbed = optax.apply_updates(params, e)
+      g, e, perturbation_state = perturb(wide(grads), state.perturbation_state, wide(params))
+      perturbed = optax.apply_updates(wide(params), e)
+      stats = state.statistics
+      if statistics:
+        stats = statistics_lib.before_perturbed_pass(
+          g, e, params, perturbed, state.perturbation_state
+        )
       g_adv = grad_fn(perturbed)
       _check_grad_fn_output(g_adv, grads)
       g_adv = _average(g_adv, reduce_first)
-      prepared = correction.prepare(g, params)
+      if statistics:
+        stats = _average(statistics_lib.after_perturbed_pass(stats, g, g_adv), reduce_last)
+      prepared = correction.prepare(g, wide(params))
       g_sam = correction.apply(prepared, g_adv, perturbed)
-      g_sam = _average(g_sam, reduce_last)
+      g_sam = optax.tree.cast_like(_average(g_sam, reduce_last), grads)
       updates, base_state = base_optimizer.update(g_sam, state.base_state, params, **extra)
       new_state = state._replace(
         perturbation_state=perturbation_state,
         base_state=base_state,
+        statistics=stats,
         memory=remember(state.memory, prepared, g_sam),
       )
       return optax.tree.cast_like(updates, params), new_state
 
     if when is None:
       return sam_step(state)
+    mean_grads = _average(grads, axis_name)
+    is_sam, state = decide(mean_grads, state)
     plain = lambda state: plain_step(grads, mean_grads, state, params, extra)
     return jax.lax.cond(is_sam, sam_step, plain, state)
 
@@ -258,17 +324,30 @@ def sharpness_aware(
     def ascent_call(operands):
       grads, mean_grads, state, params = operands
       g, e, perturbation_state = perturb(grads, state.perturbation_state, params, mean_grads)
+      stats = state.statistics
+      if statistics:
+        # The weights will hold w + e in their own dtype: measured here, from e.
+        values = statistics_lib.before_perturbed_pass(
+          g, e, params, optax.apply_updates(params, e), state.perturbation_state
+        )
+        values = _average(values, reduce_last)
+        stats = statistics_lib.TwoPhaseStatistics(values, optax.tree.cast_like(g, params))
       new_state = state._replace(
         phase=jnp.ones_like(state.phase),
         clean_params=params,
         prepared=correction.prepare(g, params),
         perturbation_state=perturbation_state,
+        statistics=stats,
       )
       return e, new_state
 
     def descent_call(operands):
       g_adv, state, params = operands
       g_adv = _average(g_adv, reduce_first)
+      stats = state.statistics
+      if statistics:
+        values = statistics_lib.after_perturbed_pass(stats.values, stats.clean_grads, g_adv)
+        stats = stats._replace(values=_average(values, reduce_last))
       g_sam = _average(correction.apply(state.prepared, g_adv, params), reduce_last)
       base_updates, base_state = base_optimizer.update(
         g_sam, state.base_state, state.clean_params, **extra
@@ -278,6 +357,7 @@ def sharpness_aware(
       new_state = state._replace(
         phase=jnp.zeros_like(state.phase),
         base_state=base_state,
+        statistics=stats,
         memory=remember(state.memory, state.prepared, g_sam),
       )
       return updates, new_state
