@@ -217,13 +217,10 @@ def sharpness_aware(
       return memory
     return correction.remember(memory, _average(prepared, reduce_last), g_sam)
 
-  def plain_step(grads, mean_grads, state, params, extra):
-    """A step without a second gradient: the base optimizer on ``g`` (or the correction's reuse)."""
+  def plain_gradient(grads, mean_grads, state, params):
+    """A plain step's gradient ``g`` (or the correction's reuse) and its state, before the base."""
     _, _, perturbation_state = perturb(grads, state.perturbation_state, params, mean_grads)
     g = mean_grads if correction.reuse is None else correction.reuse(state.memory, mean_grads)
-    updates, base_state = base_optimizer.update(
-      optax.tree.cast_like(g, params), state.base_state, params, **extra
-    )
     stats = state.statistics
     if statistics:
       values = stats.values if two_phase else stats
@@ -231,10 +228,14 @@ def sharpness_aware(
         grad_norm=numerics.global_norm(mean_grads).astype(values.grad_norm.dtype)
       )
       stats = stats._replace(values=values) if two_phase else values
-    new_state = state._replace(
-      perturbation_state=perturbation_state, base_state=base_state, statistics=stats
-    )
-    return optax.tree.cast_like(updates, params), new_state
+    new_state = state._replace(perturbation_state=perturbation_state, statistics=stats)
+    return optax.tree.cast_like(g, grads), new_state
+
+  def plain_step(grads, mean_grads, state, params, extra):
+    """A step without a second gradient: the base optimizer on ``g`` (or the correction's reuse)."""
+    g, state = plain_gradient(grads, mean_grads, state, params)
+    updates, base_state = base_optimizer.update(g, state.base_state, params, **extra)
+    return optax.tree.cast_like(updates, params), state._replace(base_state=base_state)
 
   def decide(mean_grads, state):
     """``(is_sam, state with the policy's next state)``; always SAM without a policy."""
@@ -284,7 +285,8 @@ def sharpness_aware(
     # For narrow params the perturbed pass sees float32 w + e (a transient copy).
     wide = (lambda t: t) if perturb_in_param_dtype else (lambda t: _widened(t, params))
 
-    def sam_step(state):
+    def sam_gradient(state):
+      """The SAM gradient and the state after it, all but the base optimizer's update."""
       g, e, perturbation_state = perturb(wide(grads), state.perturbation_state, wide(params))
       perturbed = optax.apply_updates(wide(params), e)
       stats = state.statistics
@@ -300,21 +302,27 @@ def sharpness_aware(
       prepared = correction.prepare(g, wide(params))
       g_sam = correction.apply(prepared, g_adv, perturbed)
       g_sam = optax.tree.cast_like(_average(g_sam, reduce_last), grads)
-      updates, base_state = base_optimizer.update(g_sam, state.base_state, params, **extra)
       new_state = state._replace(
         perturbation_state=perturbation_state,
-        base_state=base_state,
         statistics=stats,
         memory=remember(state.memory, prepared, g_sam),
       )
-      return optax.tree.cast_like(updates, params), new_state
+      return g_sam, new_state
+
+    def finish(g, state):
+      updates, base_state = base_optimizer.update(g, state.base_state, params, **extra)
+      return optax.tree.cast_like(updates, params), state._replace(base_state=base_state)
 
     if when is None:
-      return sam_step(state)
+      return finish(*sam_gradient(state))
     mean_grads = _average(grads, axis_name)
     is_sam, state = decide(mean_grads, state)
-    plain = lambda state: plain_step(grads, mean_grads, state, params, extra)
-    return jax.lax.cond(is_sam, sam_step, plain, state)
+    # The conditional returns only the gradient for the base optimizer and the small states: the
+    # base update runs once, after it, so that its outputs can reuse the donated buffers.
+    base_state = state.base_state
+    plain = lambda state: plain_gradient(grads, mean_grads, state, params)
+    g, state = jax.lax.cond(is_sam, sam_gradient, plain, state._replace(base_state=None))
+    return finish(g, state._replace(base_state=base_state))
 
   def two_phase_update(grads, state, params=None, **extra):
     if params is None:
