@@ -1,0 +1,196 @@
+"""Cost of the cheaper SAM variants against the base optimizer: step time and compiled memory.
+
+Run from the repository root::
+
+  python -m benchmarks.cheap                 # MLP and 1-D CNN, ~2 min per model
+  python -m benchmarks.cheap --quick         # tiny models, a few rounds (checks the script)
+
+Cases, all with :func:`benchmarks.cases.base_optimizer` (SGD with momentum):
+
+* ``base``: the base optimizer's step (gradient, update, apply);
+* ``sam``: SAM on every step (one-call mode);
+* ``when/plain``: ``sam(..., when=after(10**9))``, so every step is a plain one;
+* ``when/every(5)``: ``sam(..., when=every(5))``, timed over multiples of 5 steps;
+* ``look_sam(k=5)``: LookSAM, timed over multiples of 5 steps;
+* ``momentum_sam``: Momentum-SAM (one gradient per step).
+
+Each case is compiled once with donated arguments (``memory_analysis()`` gives
+its argument and temporary bytes), warmed up, then timed in interleaved rounds
+as in :mod:`benchmarks.run` (rotated order, reversed every other round). The
+ratios are medians of per-round ratios to ``base`` with a bootstrap 95%
+interval; the script prints PASS/MISS for each target and writes
+``cheap.json`` and ``cheap.md`` into ``--out``.
+"""
+
+import argparse
+import gc
+import json
+import pathlib
+
+import jax
+import numpy as np
+
+import optax_sam
+from benchmarks import cases as cases_lib
+from benchmarks import models, run
+
+TARGETS = {  # case: the largest allowed ratio of its time per step to the base step's
+  'when/plain': 1.03,
+  'when/every(5)': 1.25,
+  'look_sam(k=5)': 1.30,
+  'momentum_sam': 1.05,
+}
+PERIOD = 5
+
+
+def build(model: models.Model) -> list:
+  """The cases above, as :class:`benchmarks.cases.Case` s."""
+  base = cases_lib.base_optimizer()
+  plain = cases_lib._plain_step
+  one_call = lambda tx: cases_lib._one_call_step(model, tx, False)
+  txs = {
+    'sam': optax_sam.sam(base, rho=cases_lib.RHO),
+    'when/plain': optax_sam.sam(base, rho=cases_lib.RHO, when=optax_sam.after(10**9)),
+    'when/every(5)': optax_sam.sam(base, rho=cases_lib.RHO, when=optax_sam.every(PERIOD)),
+    'look_sam(k=5)': optax_sam.look_sam(base, rho=cases_lib.RHO, k=PERIOD),
+  }
+  cases = [cases_lib.Case('base', 'base', None, '-', 1, base.init, plain(model, base), None)]
+  for name, tx in txs.items():
+    cases.append(cases_lib.Case(name, 'optax_sam', name, '1call', 1, tx.init, one_call(tx), None))
+  msam = optax_sam.momentum_sam(base, rho=0.3)
+  cases.append(
+    cases_lib.Case('momentum_sam', 'optax_sam', 'msam', '-', 1, msam.init, plain(model, msam), None)
+  )
+  return cases
+
+
+def expected_state_bytes(name: str, param_bytes: int) -> int:
+  """DESIGN section 6: no parameter-sized state for when and momentum_sam, one for look_sam."""
+  return {
+    'base': 0,
+    'sam': 0,
+    'when/plain': 4,  # the policy's int32 count
+    'when/every(5)': 4,
+    'look_sam(k=5)': param_bytes + 4,  # the stored direction and the count
+    'momentum_sam': 4,  # the float32 scale rho / ||v||
+  }[name]
+
+
+def measure(model: models.Model, settings: run.Settings, log=print) -> dict:
+  params, model_state = model.init(jax.random.key(0))
+  batch = model.batch(jax.random.key(1))
+  p_bytes = models.param_bytes(params)
+  runners = [
+    run.Runner(c, params, model_state, batch, settings.compiler_options) for c in build(model)
+  ]
+  log(f'\n== {model.name}: {model.description}, {p_bytes:,} parameter bytes')
+  estimate = {}
+  for r in runners:
+    r.run(PERIOD * settings.warmup_steps)
+    estimate[r.case.name] = r.run(PERIOD)
+  steps = PERIOD * max(1, round(settings.measure_s / estimate['base'] / PERIOD))
+  round_s = steps * sum(estimate.values())
+  rounds = int(np.clip(settings.budget_s // max(round_s, 1e-9), settings.min_rounds, 201))
+  log(f'  timing: {rounds} rounds x {steps} steps per case (~{round_s:.2f} s per round)')
+  times = {r.case.name: [] for r in runners}
+  gc.collect()
+  gc.disable()
+  try:
+    for i in range(rounds):
+      order = runners[i % len(runners) :] + runners[: i % len(runners)]
+      for r in order[::-1] if i % 2 else order:
+        times[r.case.name].append(r.run(steps))
+  finally:
+    gc.enable()
+  base_t = np.asarray(times['base'])
+  base_arg = next(r for r in runners if r.case.name == 'base').memory['argument']
+  cases = {}
+  for r in runners:
+    t = np.asarray(times[r.case.name])
+    ratios = t / base_t
+    low, high = run._bootstrap_ci(ratios)
+    delta = r.memory['argument'] - base_arg
+    cases[r.case.name] = dict(
+      time_ms=float(np.median(t) * 1e3),
+      ratio_vs_base=float(np.median(ratios)),
+      ci95=[low, high],
+      argument_delta_bytes=int(delta),
+      expected_state_bytes=expected_state_bytes(r.case.name, p_bytes),
+      temp_bytes=r.memory['temp'],
+      memory=r.memory,
+    )
+  return dict(
+    name=model.name,
+    description=model.description,
+    param_bytes=p_bytes,
+    rounds=rounds,
+    steps=steps,
+    cases=cases,
+  )
+
+
+def check(result: dict) -> list:
+  lines = []
+  for name, c in result['cases'].items():
+    if name in TARGETS:
+      ok = c['ratio_vs_base'] <= TARGETS[name]
+      lines.append(
+        f'{"PASS" if ok else "MISS"} {result["name"]} {name}: time {c["ratio_vs_base"]:.3f}x base '
+        f'(95% CI {c["ci95"][0]:.3f}-{c["ci95"][1]:.3f}; target <= {TARGETS[name]}x)'
+      )
+    ok = c['argument_delta_bytes'] == c['expected_state_bytes']
+    lines.append(
+      f'{"PASS" if ok else "MISS"} {result["name"]} {name}: state {c["argument_delta_bytes"]:,} '
+      f'bytes over base (DESIGN: {c["expected_state_bytes"]:,})'
+    )
+  return lines
+
+
+def markdown(results: list) -> str:
+  out = []
+  for m in results:
+    out.append(
+      f'**{m["name"]}** ({m["description"]}, {m["param_bytes"]:,} parameter bytes; '
+      f'{m["rounds"]} rounds of {m["steps"]} steps)\n'
+    )
+    out.append(
+      '| case | time / step (ms) | vs base (95% CI) | target | state over base (bytes) '
+      '| DESIGN | temporaries (bytes) |'
+    )
+    out.append('|---|---|---|---|---|---|---|')
+    for name, c in m['cases'].items():
+      target = f'<= {TARGETS[name]}x' if name in TARGETS else ''
+      out.append(
+        f'| {name} | {c["time_ms"]:.3f} | {c["ratio_vs_base"]:.3f} '
+        f'({c["ci95"][0]:.3f}-{c["ci95"][1]:.3f}) | {target} | {c["argument_delta_bytes"]:,} '
+        f'| {c["expected_state_bytes"]:,} | {c["temp_bytes"]:,} |'
+      )
+    out.append('')
+  return '\n'.join(out)
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--quick', action='store_true')
+  parser.add_argument('--models', default='mlp,cnn')
+  parser.add_argument('--out', default='benchmarks/results/cpu-cheap')
+  args = parser.parse_args(argv)
+  settings = run.QUICK if args.quick else run.FULL
+  specs = run.model_specs(args.quick, resnet_batch=16)
+  results, lines = [], []
+  for name in args.models.split(','):
+    result = measure(specs[name][0], settings)
+    results.append(result)
+    lines += check(result)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  env = run.environment(argv or [], '')
+  (out / 'cheap.json').write_text(json.dumps(dict(environment=env, models=results), indent=1))
+  text = markdown(results) + '\n' + '\n'.join(lines) + '\n'
+  (out / 'cheap.md').write_text(text)
+  print(text)
+  return dict(models=results, checks=lines)
+
+
+if __name__ == '__main__':
+  main()
