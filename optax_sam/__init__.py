@@ -1,5 +1,6 @@
 """optax_sam: the Sharpness-Aware Minimization family as composable Optax transformations."""
 
+from optax_sam import sharpness  # submodule: optax_sam.sharpness.hessian_eigenvalues, ...
 from optax_sam._src.adaptive import not_bias_mask
 from optax_sam._src.aliases import asam, friendly_sam, gsam, sam, stable_sam
 from optax_sam._src.corrections import Correction, gsam_correction, no_correction, stable_correction
@@ -33,6 +34,7 @@ __all__ = (
   'no_correction',
   'not_bias_mask',
   'sam',
+  'sharpness',
   'sharpness_aware',
   'stable_correction',
   'stable_sam',

@@ -7,6 +7,8 @@ Importing this module imports Flax; ``import optax_sam`` alone does not.
   ``optimizer.update(model, grads, grad_fn=grad_fn)`` with
   ``nnx.Optimizer(model, tx, wrt=nnx.Param)``; :func:`nnx_clean_params` gives
   the unperturbed weights of a two-phase optimizer.
+* Sharpness: :func:`nnx_loss_fn` builds the ``loss_fn(params, batch)`` that
+  :mod:`optax_sam.sharpness` measures, in train or eval mode.
 * Linen: :func:`apply_gradients` is ``TrainState.apply_gradients`` with
   ``grad_fn`` forwarded to the optimizer.
 """
@@ -15,7 +17,14 @@ from optax_sam._src.flax_helpers import (
   apply_gradients,
   nnx_clean_params,
   nnx_grad_fn,
+  nnx_loss_fn,
   nnx_value_and_grad,
 )
 
-__all__ = ('apply_gradients', 'nnx_clean_params', 'nnx_grad_fn', 'nnx_value_and_grad')
+__all__ = (
+  'apply_gradients',
+  'nnx_clean_params',
+  'nnx_grad_fn',
+  'nnx_loss_fn',
+  'nnx_value_and_grad',
+)

@@ -201,6 +201,77 @@ def nnx_clean_params(model: nnx.Module, optimizer: nnx.Optimizer) -> nnx.State:
   return sharpness_aware.clean_params(params, nnx.as_pure(optimizer.opt_state))
 
 
+def nnx_loss_fn(
+  loss_fn: Callable[..., Any],
+  model: nnx.Module,
+  *,
+  train: bool,
+  wrt: Any = nnx.Param,
+  has_aux: bool = False,
+) -> tuple[Callable[[Any, Any], jax.Array], nnx.State]:
+  """A pure ``loss_fn(params, batch)`` of an ``nnx.Module``, for :mod:`optax_sam.sharpness`.
+
+  Splits ``model`` into its graph, the parameters selected by ``wrt`` and
+  everything else (BatchNorm statistics, RNG state), snapshotted now; the
+  returned function merges a copy with the given parameters and evaluates
+  ``loss_fn(model_copy, batch)``. It never changes ``model``, and it is a
+  deterministic function of ``(params, batch)``, as the Hessian and the
+  sharpness measures need. ``train`` must be chosen, because the two modes
+  measure different functions:
+
+  * ``train=False`` (eval mode: BatchNorm uses its running statistics,
+    dropout is off) measures the function that is deployed; the loss is a
+    mean of per-example losses, so splitting the batch into chunks
+    (``num_chunks``) gives the same answer.
+  * ``train=True`` (train mode: BatchNorm normalizes with the statistics of
+    the batch it is given, dropout is on) measures the landscape the optimizer
+    sees. The loss then depends on the batch's composition (and on the chunk
+    size: each chunk is normalized with its own statistics), and dropout
+    draws the *same* masks at every evaluation, from the model's RNG state as
+    snapshotted here (a fixed sub-network; advance the model's ``Rngs`` for
+    other masks). The running statistics this mode computes are discarded.
+
+  Args:
+    loss_fn: ``loss_fn(model, batch)`` returning a scalar, or ``(loss, aux)``
+      with ``has_aux=True`` (``aux`` is dropped).
+    model: the model.
+    train: evaluate in train mode (``True``) or eval mode (``False``); set on a
+      view of the model (``nnx.view``), not on ``model`` itself.
+    wrt: the filter of the variables that are the parameters ``w``.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    ``(loss_of_params, params)``: ``loss_of_params(params, batch) ->
+    scalar`` and the model's current parameters, a pure ``nnx.State``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from optax_sam import sharpness
+    >>> import optax_sam.flax
+    >>> rngs = nnx.Rngs(0)
+    >>> model = nnx.Sequential(nnx.Linear(2, 4, rngs=rngs), nnx.BatchNorm(4, rngs=rngs),
+    ...                        nnx.Dropout(0.2, rngs=rngs), nnx.Linear(4, 1, rngs=rngs))
+    >>> loss = lambda model, batch: jnp.mean((model(batch[0]) - batch[1]) ** 2)
+    >>> loss_fn, params = optax_sam.flax.nnx_loss_fn(loss, model, train=False)
+    >>> batch = (jnp.ones((8, 2)), jnp.zeros((8, 1)))
+    >>> r = sharpness.hessian_eigenvalues(loss_fn, params, batch, key=jax.random.key(0))
+    >>> r.eigenvalues.shape
+    (1,)
+  """
+  viewed = nnx.view(
+    model, deterministic=not train, use_running_average=not train, raise_if_not_found=False
+  )
+  graphdef, params, rest = nnx.split(viewed, wrt, ...)
+  params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+
+  def loss_of_params(p: Any, batch: Any) -> jax.Array:
+    out = loss_fn(nnx.merge(graphdef, p, rest), batch)
+    return out[0] if has_aux else out
+
+  return loss_of_params, params
+
+
 def apply_gradients(
   state: TrainStateT,
   *,

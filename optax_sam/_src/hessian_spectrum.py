@@ -1,0 +1,310 @@
+r"""The Hessian's extreme eigenvalues (Lanczos) and its spectral density (SLQ).
+
+Both run the pytree Lanczos process of :mod:`optax_sam._src.lanczos` on the
+Hessian-vector products of ``loss_fn`` at ``params`` and never form the
+Hessian.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from optax_sam._src import chunking, numerics, tree_basis
+from optax_sam._src import hvp as hvp_lib
+from optax_sam._src import lanczos as lanczos_lib
+
+DEFAULT_EIGEN_STEPS = 20
+DEFAULT_SLQ_STEPS = 32
+DEFAULT_SLQ_PROBES = 4
+
+
+class HessianEigenvalues(NamedTuple):
+  """Output of :func:`hessian_eigenvalues`.
+
+  Attributes:
+    eigenvalues: ``[k]`` Ritz values, largest first (algebraically, or in
+      magnitude with ``which='magnitude'``).
+    eigenvectors: the Ritz vectors, like ``params`` with a leading ``k`` axis,
+      each of unit global norm.
+    residuals: ``[k]`` the residual norms :math:`\\|H y_i - \\theta_i y_i\\|`,
+      computed with one extra Hessian-vector product per vector. By the
+      Bauer-Fike theorem some eigenvalue of :math:`H` lies within
+      ``residuals[i]`` of ``eigenvalues[i]``.
+    ratio: :math:`\\theta_1 / \\theta_2` of the two leading Ritz values (even
+      when ``k == 1``); a ratio near 1 means a small gap, slow convergence and
+      possibly interchanged eigenvectors. ``inf`` when there is no nonzero
+      second Ritz value.
+    krylov_dim: the number of Lanczos vectors actually built (``num_steps``,
+      or the number of parameters when it is smaller).
+  """
+
+  eigenvalues: jax.Array
+  eigenvectors: Any
+  residuals: jax.Array
+  ratio: jax.Array
+  krylov_dim: jax.Array
+
+
+def _check_int(name: str, value: Any, low: int = 1) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < low:
+    raise ValueError(f'{name} must be an int >= {low}, got {value!r}.')
+
+
+def hessian_eigenvalues(
+  loss_fn: hvp_lib.LossFn,
+  params: Any,
+  batch: Any,
+  *,
+  key: jax.Array,
+  k: int = 1,
+  num_steps: int = DEFAULT_EIGEN_STEPS,
+  which: str = 'largest',
+  num_chunks: int = 1,
+) -> HessianEigenvalues:
+  r"""The ``k`` leading eigenvalues and eigenvectors of the loss Hessian, by Lanczos.
+
+  Runs ``num_steps`` Lanczos steps with full reorthogonalization from a random
+  normal start drawn from ``key`` on :math:`H = \nabla^2_w L(w, B)` and
+  returns the leading Ritz pairs :math:`(\theta_i, y_i)` of the tridiagonal
+  :math:`T = V^\top H V`:
+
+  .. math::
+
+    T s_i = \theta_i s_i, \qquad y_i = V s_i, \qquad
+    r_i = \| H y_i - \theta_i y_i \|.
+
+  Extreme eigenvalues converge first, at a rate set by the gap to the next
+  one (Kaniel-Paige); 20 steps typically resolve the top few eigenvalues of a
+  network's Hessian to several digits, where power iteration needs hundreds
+  of products. With fewer parameters than ``num_steps`` the Krylov space is
+  the whole space: the process restarts after each invariant subspace, stops
+  when no direction is left, and the answers are exact (no spurious or zero
+  eigenvalues from the unused steps).
+
+  ``which='largest'`` orders by value (the most positive curvature first, the
+  usual "sharpness" :math:`\lambda_{max}`); ``which='magnitude'`` orders by
+  :math:`|\theta|` (a large negative eigenvalue, i.e. a saddle, comes first).
+
+  Cost: ``num_steps + k`` Hessian-vector products (about 2 to 3 gradients
+  each, see ``docs/sharpness.md``), the last ``k`` for the residuals; memory
+  ``num_steps + 1`` parameter copies for the basis. Default (``k=1``,
+  ``num_steps=20``): 21 products.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` (a mean over examples when
+      ``num_chunks > 1``).
+    params: the point :math:`w`, any pytree of float arrays.
+    batch: the data passed to ``loss_fn``.
+    key: PRNG key of the starting vector (and of restarts after breakdown).
+    k: number of eigenpairs returned, ``1 <= k <= min(num_steps, #params)``
+      (static).
+    num_steps: Lanczos steps (static).
+    which: ``'largest'`` (algebraic) or ``'magnitude'``.
+    num_chunks: evaluate each product over this many chunks of ``batch``
+      (static), so that memory does not grow with the batch.
+
+  Returns:
+    A :class:`HessianEigenvalues`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from optax_sam import sharpness
+    >>> h = jnp.array([3.0, 1.0, -2.0])
+    >>> loss_fn = lambda p, batch: 0.5 * jnp.sum(h * p['w'] ** 2)
+    >>> r = sharpness.hessian_eigenvalues(
+    ...     loss_fn, {'w': jnp.ones(3)}, None, key=jax.random.key(0), k=2)
+    >>> print(jnp.round(r.eigenvalues, 4), r.krylov_dim)
+    [3. 1.] 3
+
+  References:
+    Lanczos, 1950 (J. Res. Nat. Bur. Standards 45);
+    Ghorbani et al., 2019, "An Investigation into Neural Net Optimization via
+    Hessian Eigenvalue Density": https://arxiv.org/abs/1901.10159
+  """
+  _check_int('num_steps', num_steps)
+  _check_int('k', k)
+  chunking.check_num_chunks(num_chunks)
+  if which not in ('largest', 'magnitude'):
+    raise ValueError(f"which must be 'largest' or 'magnitude', got {which!r}.")
+  n = hvp_lib.num_params(params)
+  if k > min(num_steps, n):
+    raise ValueError(
+      f'k must be <= min(num_steps, number of parameters) = {min(num_steps, n)}, got {k}.'
+    )
+  hvp = hvp_lib.hvp_fn(loss_fn, params, batch, num_chunks)
+  start_key, restart_key = jax.random.split(key)
+  v0 = hvp_lib.random_like(start_key, params, 'normal')
+  run = lanczos_lib.lanczos(hvp, v0, num_steps, restart_key)
+  values, vectors, ok = lanczos_lib.tridiagonal_eigh(run.alphas, run.betas, run.valid)
+  score = values if which == 'largest' else jnp.abs(values)
+  order = jnp.argsort(jnp.where(ok, -score, jnp.inf))
+  values, vectors, ok = values[order], vectors[:, order], ok[order]
+  top = vectors[:, :k]
+  eigvecs = jax.tree.map(
+    lambda b: jnp.tensordot(top.T.astype(jnp.promote_types(top.dtype, b.dtype)), b, axes=1).astype(
+      b.dtype
+    ),
+    run.basis,
+  )
+  norms = jax.vmap(tree_basis.norm)(eigvecs)
+  eigvecs = jax.tree.map(
+    lambda y: (
+      y / jnp.where(norms > 0, norms, 1).reshape((-1,) + (1,) * (y.ndim - 1)).astype(y.dtype)
+    ),
+    eigvecs,
+  )
+  eigenvalues = values[:k]
+
+  def residual(args):
+    y, theta = args
+    hy = hvp(y)
+    r = jax.tree.map(lambda a, b: a.astype(theta.dtype) - theta * b.astype(theta.dtype), hy, y)
+    return tree_basis.norm(r)
+
+  residuals = jax.lax.map(residual, (eigvecs, eigenvalues))
+  second_ok = ok[1] if num_steps > 1 else jnp.zeros([], bool)
+  second = values[1] if num_steps > 1 else jnp.zeros([], values.dtype)
+  has_second = second_ok & (second != 0)
+  ratio = jnp.where(has_second, values[0] / jnp.where(has_second, second, 1), jnp.inf)
+  return HessianEigenvalues(
+    eigenvalues=eigenvalues,
+    eigenvectors=eigvecs,
+    residuals=residuals,
+    ratio=ratio,
+    krylov_dim=jnp.sum(run.valid.astype(jnp.int32)),
+  )
+
+
+class SpectralDensity(NamedTuple):
+  """Output of :func:`hessian_spectral_density`: Gauss quadrature rules, one per probe.
+
+  Attributes:
+    nodes: ``[num_probes, num_steps]`` Ritz values of each probe's Lanczos
+      tridiagonal (0 for unused steps, which have weight 0).
+    weights: ``[num_probes, num_steps]`` squared first components of the
+      eigenvectors of the tridiagonal; each row sums to 1.
+  """
+
+  nodes: jax.Array
+  weights: jax.Array
+
+
+def hessian_spectral_density(
+  loss_fn: hvp_lib.LossFn,
+  params: Any,
+  batch: Any,
+  *,
+  key: jax.Array,
+  num_probes: int = DEFAULT_SLQ_PROBES,
+  num_steps: int = DEFAULT_SLQ_STEPS,
+  num_chunks: int = 1,
+) -> SpectralDensity:
+  r"""The Hessian's eigenvalue density by stochastic Lanczos quadrature (SLQ).
+
+  The spectral density :math:`\phi(t) = \frac{1}{n} \sum_i \delta(t -
+  \lambda_i)` is estimated from ``num_probes`` Rademacher probes
+  :math:`v = z / \|z\|`: ``num_steps`` Lanczos steps from :math:`v` give a
+  tridiagonal :math:`T = S \Theta S^\top`, and the Gauss quadrature rule with
+  nodes :math:`\theta_i` and weights :math:`\tau_i = S_{1i}^2` satisfies
+
+  .. math::
+
+    \sum_i \tau_i \theta_i^j = e_1^\top T^j e_1 = v^\top H^j v
+    \quad (0 \le j < 2 m), \qquad
+    \mathbb{E}_z [v^\top f(H) v] = \frac{1}{n} \operatorname{tr} f(H),
+
+  so :math:`\phi \approx \frac{1}{P} \sum_{\ell} \sum_i \tau^\ell_i
+  \delta(t - \theta^\ell_i)`. Evaluate a smoothed density on a grid with
+  :func:`spectral_density_on_grid`. Probes run one after another
+  (``lax.map``).
+
+  Cost: ``num_probes * num_steps`` Hessian-vector products; memory
+  ``num_steps + 1`` parameter copies. Default (4 probes, 32 steps): 128
+  products.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar``.
+    params: the point :math:`w`.
+    batch: the data.
+    key: PRNG key of the probes.
+    num_probes: number of probe vectors (static).
+    num_steps: Lanczos steps per probe (static); the quadrature is exact for
+      polynomials of degree below ``2 * num_steps``.
+    num_chunks: chunks per product (static), see :func:`hessian_eigenvalues`.
+
+  Returns:
+    A :class:`SpectralDensity`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from optax_sam import sharpness
+    >>> h = jnp.array([1.0, 2.0, 3.0, 4.0])
+    >>> loss_fn = lambda p, batch: 0.5 * jnp.sum(h * p ** 2)
+    >>> d = sharpness.hessian_spectral_density(
+    ...     loss_fn, jnp.zeros(4), None, key=jax.random.key(0), num_probes=2, num_steps=8)
+    >>> print(jnp.round(jnp.sum(d.weights * d.nodes, axis=1), 4))  # tr(H) / n = 2.5
+    [2.5 2.5]
+
+  References:
+    Golub and Meurant, "Matrices, Moments and Quadrature with Applications",
+    2010; Lin, Saad and Yang, 2016, "Approximating spectral densities of large
+    matrices", SIAM Review 58; Ghorbani et al., 2019:
+    https://arxiv.org/abs/1901.10159
+  """
+  _check_int('num_probes', num_probes)
+  _check_int('num_steps', num_steps)
+  chunking.check_num_chunks(num_chunks)
+  hvp = hvp_lib.hvp_fn(loss_fn, params, batch, num_chunks)
+
+  def one_probe(probe_key):
+    start_key, restart_key = jax.random.split(probe_key)
+    v0 = hvp_lib.random_like(start_key, params, 'rademacher')
+    run = lanczos_lib.lanczos(hvp, v0, num_steps, restart_key)
+    values, vectors, ok = lanczos_lib.tridiagonal_eigh(run.alphas, run.betas, run.valid)
+    weights = jnp.where(ok, vectors[0] ** 2, 0)
+    return jnp.where(ok, values, 0), weights
+
+  keys = jax.random.split(key, num_probes)
+  nodes, weights = jax.lax.map(one_probe, keys)
+  return SpectralDensity(nodes=nodes, weights=weights)
+
+
+def spectral_density_on_grid(
+  density: SpectralDensity, grid: jax.Array, sigma: float | jax.Array
+) -> jax.Array:
+  r"""The SLQ density smoothed by a Gaussian of width ``sigma``, on ``grid``.
+
+  .. math::
+
+    \hat\phi_\sigma(t) = \frac{1}{P} \sum_{\ell=1}^{P} \sum_i \tau^\ell_i
+    \frac{1}{\sigma \sqrt{2\pi}} \exp\!\Big(-\frac{(t - \theta^\ell_i)^2}{2\sigma^2}\Big),
+
+  which integrates to 1 over the real line.
+
+  Args:
+    density: a :class:`SpectralDensity`.
+    grid: ``[g]`` points :math:`t`.
+    sigma: the smoothing width (``> 0``), in eigenvalue units.
+
+  Returns:
+    ``[g]`` density values.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optax_sam import sharpness
+    >>> d = sharpness.SpectralDensity(nodes=jnp.array([[0.0, 1.0]]),
+    ...                               weights=jnp.array([[0.5, 0.5]]))
+    >>> grid = jnp.linspace(-5.0, 6.0, 2001)
+    >>> phi = sharpness.spectral_density_on_grid(d, grid, sigma=0.1)
+    >>> print(f'{float(jnp.sum(phi) * (grid[1] - grid[0])):.3f}')
+    1.000
+  """
+  numerics.check_range('sigma', sigma)
+  if numerics.is_concrete(sigma) and float(sigma) == 0:
+    raise ValueError('sigma must be > 0, got 0.0.')
+  grid = jnp.asarray(grid)
+  sigma = jnp.asarray(sigma, density.nodes.dtype)
+  z = (grid[:, None, None] - density.nodes[None]) / sigma
+  kernel = jnp.exp(-0.5 * z**2) / (sigma * jnp.sqrt(2 * jnp.pi))
+  return jnp.sum(kernel * density.weights[None], axis=(1, 2)) / density.nodes.shape[0]

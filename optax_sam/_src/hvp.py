@@ -1,0 +1,93 @@
+"""Hessian-vector products of a loss over a parameter pytree, and random probe vectors."""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from optax_sam._src import chunking
+
+LossFn = Callable[[Any, Any], jax.Array]
+
+
+def hvp_fn(loss_fn: LossFn, params: Any, batch: Any, num_chunks: int = 1) -> Callable[[Any], Any]:
+  r"""The map :math:`v \mapsto H v` with :math:`H = \nabla^2_w L(w, B)` at ``params``.
+
+  Forward-over-reverse (``jax.jvp`` of ``jax.grad``) on the parameter pytree:
+  one product costs about one gradient plus one forward-mode pass, and no
+  parameter is flattened or copied. With ``num_chunks > 1`` the product is the
+  mean of the chunks' products (:func:`chunking.chunked_mean`), equal to the
+  whole batch's when ``loss_fn`` is a mean over examples.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar``.
+    params: the point :math:`w`.
+    batch: the data.
+    num_chunks: split the batch into this many chunks (static).
+
+  Returns:
+    ``hvp(v) -> Hv`` for ``v`` with the structure and dtypes of ``params``.
+  """
+  grad = jax.grad(loss_fn)
+
+  def hvp(v):
+    def one(chunk):
+      return jax.jvp(lambda p: grad(p, chunk), (params,), (v,))[1]
+
+    return chunking.chunked_mean(one, batch, num_chunks)
+
+  return hvp
+
+
+def loss_and_grad(loss_fn: LossFn, params: Any, batch: Any, num_chunks: int = 1):
+  """``jax.value_and_grad(loss_fn)(params, batch)``, chunk by chunk."""
+  return chunking.chunked_mean(
+    lambda chunk: jax.value_and_grad(loss_fn)(params, chunk), batch, num_chunks
+  )
+
+
+def loss(loss_fn: LossFn, params: Any, batch: Any, num_chunks: int = 1) -> jax.Array:
+  """``loss_fn(params, batch)``, chunk by chunk."""
+  return chunking.chunked_mean(lambda chunk: loss_fn(params, chunk), batch, num_chunks)
+
+
+def random_like(key: jax.Array, tree: Any, kind: str = 'rademacher') -> Any:
+  """Independent entries with the structure, shapes and dtypes of ``tree``.
+
+  The entries are drawn as one flat vector (one random-number call however
+  many leaves ``tree`` has, which keeps compiled loops small) and cut into the
+  leaves' shapes.
+
+  Args:
+    key: a PRNG key.
+    tree: the template.
+    kind: ``'rademacher'`` (entries +-1), ``'normal'`` (standard normal) or
+      ``'uniform'`` (uniform in ``[-1, 1)``).
+
+  Returns:
+    A tree like ``tree`` of random entries.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  sizes = [int(jnp.size(leaf)) for leaf in leaves]
+  n = sum(sizes)
+  dtype = jnp.promote_types(jnp.float32, jnp.result_type(*leaves)) if leaves else jnp.float32
+  if kind == 'rademacher':
+    flat = jax.random.rademacher(key, (n,), dtype)
+  elif kind == 'normal':
+    flat = jax.random.normal(key, (n,), dtype)
+  elif kind == 'uniform':
+    flat = jax.random.uniform(key, (n,), dtype, -1.0, 1.0)
+  else:
+    raise ValueError(f"kind must be 'rademacher', 'normal' or 'uniform', got {kind!r}.")
+  out, offset = [], 0
+  for leaf, size in zip(leaves, sizes, strict=True):
+    part = jax.lax.slice_in_dim(flat, offset, offset + size)
+    out.append(part.reshape(jnp.shape(leaf)).astype(jnp.result_type(leaf)))
+    offset += size
+  return jax.tree.unflatten(treedef, out)
+
+
+def num_params(tree: Any) -> int:
+  """The number of scalar entries of ``tree`` (static)."""
+  return sum(int(jnp.size(leaf)) for leaf in jax.tree.leaves(tree))

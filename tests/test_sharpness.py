@@ -1,0 +1,519 @@
+"""Tests of optax_sam.sharpness against known answers.
+
+Quadratics over pytrees of differently shaped leaves with chosen spectra
+(dense float64 linear algebra gives the answers), a small MLP against the
+dense ``jax.hessian``, closed forms of SAM, average- and worst-case sharpness,
+the scale invariance of the adaptive measures on a ReLU net, chunked against
+unchunked batches and a sharded batch on 8 fake devices.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optax_sam
+from optax_sam import sharpness
+from optax_sam._src import hvp as hvp_lib
+
+SHAPES = {'a': (3, 4), 'b': (5,), 'c': (2, 3, 2)}  # 29 parameters in three leaves
+N = 29
+
+
+@pytest.fixture(autouse=True)
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+def template(dtype=jnp.float64):
+  return {name: jnp.zeros(shape, dtype) for name, shape in SHAPES.items()}
+
+
+def quad_loss(p, batch):
+  """``(p - c)^T H (p - c) / 2`` with ``batch = (H, c)``, so tests share compiled programs."""
+  h, center = batch
+  d = ravel_pytree(p)[0] - center
+  return 0.5 * d @ h @ d
+
+
+def quadratic(spectrum, seed=0, center=None):
+  """``(quad_loss, batch, H, Q)`` with ``H = Q diag(spectrum) Q^T``."""
+  spectrum = np.asarray(spectrum, np.float64)
+  q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(N, N)))
+  h = (q * spectrum) @ q.T
+  c = np.zeros(N) if center is None else np.asarray(center, np.float64)
+  return quad_loss, (jnp.asarray(h), jnp.asarray(c)), h, q
+
+
+def flat(tree):
+  return np.asarray(ravel_pytree(tree)[0])
+
+
+def rows(stacked):
+  """The vectors of a tree with a leading axis, as rows of a NumPy matrix."""
+  k = jax.tree.leaves(stacked)[0].shape[0]
+  return np.stack([flat(jax.tree.map(lambda x, i=i: x[i], stacked)) for i in range(k)])
+
+
+KEY = jax.random.key(0)
+
+# Compiled once, shared by the quadratic tests (the matrix is the batch).
+eig29 = jax.jit(
+  lambda batch, which='largest': sharpness.hessian_eigenvalues(
+    quad_loss, template(), batch, key=KEY, k=5, num_steps=40, which=which
+  ),
+  static_argnames='which',
+)
+slq29 = jax.jit(
+  lambda batch: sharpness.hessian_spectral_density(
+    quad_loss, template(), batch, key=KEY, num_probes=3, num_steps=6
+  )
+)
+trace29 = jax.jit(
+  lambda batch, key, method: sharpness.hessian_trace(
+    quad_loss, template(), batch, key=key, num_probes=30, method=method
+  ),
+  static_argnames='method',
+)
+
+
+# --- Lanczos: top eigenpairs ----------------------------------------------------------------------
+
+
+def test_exact_on_a_pytree_quadratic_with_fewer_parameters_than_steps():
+  spectrum = np.concatenate([[10.0, 7.0, 5.0, 4.5], np.linspace(-3.0, 3.0, N - 5), [-12.0]])
+  _, batch, h, q = quadratic(spectrum)
+  r = eig29(batch)
+  order = np.argsort(-spectrum)
+  np.testing.assert_allclose(r.eigenvalues, spectrum[order[:5]], rtol=0, atol=1e-10)
+  assert int(r.krylov_dim) == N
+  vectors = rows(r.eigenvectors)
+  np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-12)
+  overlaps = np.abs(np.sum(vectors * q[:, order[:5]].T, axis=1))
+  np.testing.assert_allclose(overlaps, 1, atol=1e-10)
+  dense_residuals = np.linalg.norm(vectors @ h - r.eigenvalues[:, None] * vectors, axis=1)
+  np.testing.assert_allclose(r.residuals, dense_residuals, atol=1e-12)
+  assert np.all(r.residuals < 1e-10)
+  np.testing.assert_allclose(r.ratio, 10 / 7, rtol=1e-12)
+  for leaf, shape in zip(jax.tree.leaves(r.eigenvectors), SHAPES.values(), strict=True):
+    assert leaf.shape == (5, *shape)
+  with jax.enable_x64(True):  # the order of a larger-magnitude negative eigenvalue
+    r = eig29(batch, which='magnitude')
+  np.testing.assert_allclose(r.eigenvalues, [-12.0, 10.0, 7.0, 5.0, 4.5], atol=1e-10)
+  np.testing.assert_allclose(abs(rows(r.eigenvectors)[0] @ q[:, -1]), 1, atol=1e-10)
+  np.testing.assert_allclose(r.ratio, -1.2, rtol=1e-12)
+
+
+def test_near_degenerate_pair_gives_both_values_and_their_subspace():
+  spectrum = np.concatenate([[5.0, 5.0 - 1e-7], np.linspace(-1.0, 1.0, N - 2)])
+  _, batch, _, q = quadratic(spectrum, seed=1)
+  r = eig29(batch)
+  np.testing.assert_allclose(r.eigenvalues[:2], spectrum[:2], rtol=0, atol=1e-10)
+  np.testing.assert_allclose(r.ratio, 5.0 / (5.0 - 1e-7), rtol=1e-12)  # ~1: warns of a tiny gap
+  vectors = rows(r.eigenvectors)[:2]
+  projector = q[:, :2] @ q[:, :2].T
+  np.testing.assert_allclose(vectors @ projector, vectors, atol=1e-8)  # inside the pair's plane
+  np.testing.assert_allclose(vectors @ vectors.T, np.eye(2), atol=1e-8)
+
+
+def test_zero_hessian():
+  r = eig29((jnp.zeros((N, N)), jnp.zeros(N)))
+  np.testing.assert_array_equal(r.eigenvalues, np.zeros(5))
+  assert np.isinf(r.ratio)
+  assert np.all(np.isfinite(rows(r.eigenvectors)))
+
+
+def test_top_eigenvalues_converge_in_fewer_steps_than_parameters():
+  n = 300
+  spectrum = np.concatenate([[100.0, 50.0, 30.0], np.random.default_rng(3).uniform(-1, 1, n - 3)])
+  q, _ = np.linalg.qr(np.random.default_rng(4).normal(size=(n, n)))
+  h = jnp.asarray((q * spectrum) @ q.T)
+  params = {'u': jnp.zeros((10, 10)), 'v': jnp.zeros((200,))}
+  r = jax.jit(
+    lambda b: sharpness.hessian_eigenvalues(quad_loss, params, b, key=KEY, k=3, num_steps=20)
+  )((h, jnp.zeros(n)))
+  np.testing.assert_allclose(r.eigenvalues, [100.0, 50.0, 30.0], rtol=1e-10)
+  assert int(r.krylov_dim) == 20
+  assert np.all(r.residuals < 1e-6)
+  overlaps = np.abs(rows(r.eigenvectors) @ q[:, :3])
+  np.testing.assert_allclose(np.diag(overlaps), 1, atol=1e-9)
+
+
+def diagonal_loss(p, h):
+  return 0.5 * jnp.sum(h * ravel_pytree(p)[0] ** 2)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.float64])
+def test_breakdown_restarts_and_exhaustion_give_no_spurious_values(dtype):
+  """H = 2 I: the Krylov space of any vector is 1-dimensional; then the space runs out."""
+  params = {'w': jnp.zeros((2,), dtype), 'b': jnp.zeros((1,), dtype)}  # 3 parameters
+  run = jax.jit(
+    lambda h: sharpness.hessian_eigenvalues(diagonal_loss, params, h, key=KEY, k=3, num_steps=10)
+  )
+  r = run(jnp.full(3, 2.0, dtype))
+  assert int(r.krylov_dim) == 3
+  np.testing.assert_allclose(r.eigenvalues, [2.0, 2.0, 2.0], rtol=1e-6)
+  assert np.all(np.isfinite(r.residuals)) and np.all(r.residuals < 1e-5)
+  vectors = rows(r.eigenvectors)
+  np.testing.assert_allclose(vectors @ vectors.T, np.eye(3), atol=1e-5)
+  np.testing.assert_allclose(r.ratio, 1.0, rtol=1e-6)
+  # Three distinct eigenvalues, 10 steps on 3 parameters: exact, each once.
+  h = jnp.asarray([3.0, -1.0, 0.5], dtype)
+  r = run(h)
+  np.testing.assert_allclose(r.eigenvalues, [3.0, 0.5, -1.0], atol=1e-5)
+  assert int(r.krylov_dim) == 3
+  if dtype == jnp.float64:
+    d = sharpness.hessian_spectral_density(
+      diagonal_loss, params, h, key=KEY, num_probes=2, num_steps=10
+    )
+    assert np.all(np.isfinite(d.nodes))
+    np.testing.assert_allclose(d.weights.sum(axis=1), 1.0, rtol=1e-12)
+    support = np.unique(np.round(np.asarray(d.nodes)[np.asarray(d.weights) > 1e-8], 8))
+    np.testing.assert_allclose(support, [-1.0, 0.5, 3.0], atol=1e-10)
+
+
+# --- Stochastic Lanczos quadrature ----------------------------------------------------------------
+
+
+def test_slq_quadrature_matches_the_moments_of_each_probe():
+  spectrum = np.concatenate([np.linspace(-1.0, 2.0, N - 1), [2.5]])
+  _, batch, h, _ = quadratic(spectrum, seed=2)
+  num_steps, num_probes = 6, 3
+  d = slq29(batch)
+  assert d.nodes.shape == d.weights.shape == (num_probes, num_steps)
+  np.testing.assert_allclose(d.weights.sum(axis=1), 1, rtol=1e-12)
+  # The probes, as hessian_spectral_density draws them (Rademacher, normalized).
+  for probe, probe_key in enumerate(jax.random.split(KEY, num_probes)):
+    start_key, _ = jax.random.split(probe_key)
+    v = flat(hvp_lib.random_like(start_key, template(), 'rademacher'))
+    v = v / np.linalg.norm(v)
+    hv = v.copy()
+    for j in range(2 * num_steps):
+      quadrature = np.sum(d.weights[probe] * d.nodes[probe] ** j)
+      np.testing.assert_allclose(quadrature, v @ hv, rtol=1e-9, atol=1e-12, err_msg=f'j={j}')
+      hv = h @ hv
+    # Degree 2m is not integrated exactly any more.
+    assert abs(np.sum(d.weights[probe] * d.nodes[probe] ** (2 * num_steps)) - v @ hv) > 1e-6
+
+
+def test_slq_density_on_grid():
+  spectrum = np.linspace(0.0, 4.0, N)  # diagonal: v^T H v = tr(H) / n for every sign vector
+  d = slq29((jnp.diag(jnp.asarray(spectrum)), jnp.zeros(N)))
+  grid = jnp.linspace(-2.0, 6.0, 4001)
+  phi = sharpness.spectral_density_on_grid(d, grid, sigma=0.05)
+  step = float(grid[1] - grid[0])
+  np.testing.assert_allclose(np.sum(phi) * step, 1.0, rtol=1e-6)
+  np.testing.assert_allclose(np.sum(phi * grid) * step, 2.0, rtol=1e-6)
+  with pytest.raises(ValueError, match='sigma'):
+    sharpness.spectral_density_on_grid(d, grid, sigma=0.0)
+
+
+# --- Trace estimators -----------------------------------------------------------------------------
+
+
+def test_hutchinson_is_exact_on_a_diagonal_hessian():
+  spectrum = np.arange(1.0, N + 1.0)
+  r = trace29((jnp.diag(jnp.asarray(spectrum)), jnp.zeros(N)), KEY, 'hutchinson')
+  np.testing.assert_allclose(r.estimate, np.sum(spectrum), rtol=1e-14)
+  np.testing.assert_allclose(r.stderr, 0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize('method', ['hutchinson', 'hutch++'])
+def test_trace_stderr_is_calibrated_over_200_seeds(method):
+  spectrum = np.random.default_rng(5).uniform(-1.0, 3.0, N)
+  _, batch, h, _ = quadratic(spectrum, seed=5)
+  run = jax.jit(jax.vmap(lambda key: trace29(batch, key, method)))
+  r = run(jax.random.split(jax.random.key(1), 200))
+  errors = np.abs(np.asarray(r.estimate) - np.trace(h))
+  covered = np.mean(errors < 2 * np.asarray(r.stderr))
+  assert 0.88 <= covered <= 0.99, covered  # nominal 2-sigma coverage ~95%
+  # The standard error is the spread it claims: its RMS matches the estimates' spread.
+  np.testing.assert_allclose(np.sqrt(np.mean(r.stderr**2)), np.std(r.estimate), rtol=0.2)
+
+
+def test_hutchpp_is_exact_on_low_rank():
+  spectrum = np.zeros(N)
+  spectrum[:3] = [4.0, -2.0, 1.5]
+  _, batch, _, _ = quadratic(spectrum, seed=6)
+  r = trace29(batch, KEY, 'hutch++')  # sketch of 10 vectors >= rank 3
+  np.testing.assert_allclose(r.estimate, 3.5, atol=1e-10)
+  np.testing.assert_allclose(r.stderr, 0.0, atol=1e-10)
+  assert trace29(batch, KEY, 'hutchinson').stderr > 0.1  # Hutchinson is not exact there
+
+
+# --- A small MLP against the dense Hessian --------------------------------------------------------
+
+
+def mlp_problem(dtype=jnp.float64, batch_size=16):
+  k = jax.random.split(jax.random.key(7), 4)
+  params = {
+    'hidden': {'kernel': 0.7 * jax.random.normal(k[0], (3, 5)), 'bias': jnp.full((5,), 0.1)},
+    'out': {'kernel': 0.7 * jax.random.normal(k[1], (5, 2)), 'bias': jnp.zeros((2,))},
+  }
+  params = jax.tree.map(lambda x: x.astype(dtype), params)
+  batch = (
+    jax.random.normal(k[2], (batch_size, 3), dtype),
+    jax.random.normal(k[3], (batch_size, 2), dtype),
+  )
+
+  def loss(p, batch):
+    x, y = batch
+    out = jnp.tanh(x @ p['hidden']['kernel'] + p['hidden']['bias']) @ p['out']['kernel']
+    return jnp.mean((out + p['out']['bias'] - y) ** 2)
+
+  return loss, params, batch
+
+
+def test_mlp_against_dense_hessian():
+  loss, params, batch = mlp_problem()
+  f, unravel = ravel_pytree(params)
+  h = np.asarray(jax.jit(jax.hessian(lambda x: loss(unravel(x), batch)))(f))
+  exact = np.linalg.eigvalsh(h)[::-1]
+  n = h.shape[0]  # 32
+
+  @jax.jit
+  def measures(params, batch):
+    return (
+      sharpness.hessian_eigenvalues(loss, params, batch, key=KEY, k=3, num_steps=n + 4),
+      sharpness.hessian_trace(loss, params, batch, key=KEY, num_probes=200),
+      sharpness.hessian_spectral_density(loss, params, batch, key=KEY, num_probes=1, num_steps=n),
+    )
+
+  r, t, d = measures(params, batch)
+  np.testing.assert_allclose(r.eigenvalues, exact[:3], rtol=1e-10, atol=1e-12)
+  assert np.all(r.residuals < 1e-9)
+  assert abs(float(t.estimate) - np.trace(h)) < 4 * float(t.stderr)
+  support = np.sort(np.asarray(d.nodes)[np.asarray(d.weights) > 1e-12])
+  assert len(support) > n // 2
+  assert np.all(np.min(np.abs(support[:, None] - exact[None]), axis=1) < 1e-8)
+
+
+# --- SAM, average- and worst-case sharpness -------------------------------------------------------
+
+
+def test_sam_sharpness_closed_form_on_a_quadratic():
+  spectrum = np.linspace(-1.0, 4.0, N)
+  center = np.random.default_rng(8).normal(size=N)
+  loss, batch, h, _ = quadratic(spectrum, seed=8, center=center)
+  params = template()
+  g = h @ (flat(params) - center)
+  g_hat = g / np.linalg.norm(g)
+  rho = 0.3
+  fsam = optax.chain(optax_sam.friendly_direction(), optax_sam.ascent(rho))
+
+  @jax.jit
+  def measures(batch):
+    return (
+      sharpness.sam_sharpness(loss, params, batch, rho=rho),
+      # Any perturbation: unnormalized SAM, e = rho g.
+      sharpness.sam_sharpness(
+        loss, params, batch, perturbation=optax_sam.ascent(rho, normalize=False)
+      ),
+      # F-SAM's direction at its first step is g itself: the same as SAM.
+      sharpness.sam_sharpness(loss, params, batch, perturbation=fsam),
+    )
+
+  r, usam, friendly = measures(batch)
+  exact = rho * np.linalg.norm(g) + 0.5 * rho**2 * g_hat @ h @ g_hat
+  np.testing.assert_allclose(r.sharpness, exact, rtol=1e-10)
+  np.testing.assert_allclose(r.clean_loss, 0.5 * center @ h @ center, rtol=1e-12)
+  np.testing.assert_allclose(r.perturbed_loss - r.clean_loss, r.sharpness, rtol=1e-12)
+  np.testing.assert_allclose(usam.sharpness, rho * g @ g + 0.5 * rho**2 * g @ h @ g, rtol=1e-10)
+  np.testing.assert_allclose(friendly.sharpness, exact, rtol=1e-10)
+
+
+def test_average_sharpness_of_a_quadratic():
+  spectrum = np.linspace(0.5, 4.0, N)
+  loss, batch, h, _ = quadratic(spectrum, seed=9)
+  params = jax.tree.map(lambda x: x + np.linspace(0.5, 2.0, x.size).reshape(x.shape), template())
+  rho = 0.2
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def average(adaptive, batch):
+    return sharpness.average_sharpness(
+      loss, params, batch, key=KEY, rho=rho, adaptive=adaptive, num_samples=400
+    )
+
+  for adaptive in (False, True):
+    c = np.abs(flat(params)) if adaptive else np.ones(N)
+    exact = 0.5 * rho**2 * np.trace(np.diag(c) @ h @ np.diag(c))
+    r = average(adaptive, batch)
+    assert abs(float(r.sharpness) - exact) < 3 * float(r.stderr)
+    assert 0 < float(r.stderr) < 0.2 * exact
+
+
+def test_worst_case_sharpness_of_a_quadratic_at_its_minimum():
+  spectrum = np.concatenate([[6.0, 3.0], np.linspace(0.0, 2.0, N - 2)])
+  loss, batch, _, _ = quadratic(spectrum, seed=10)
+  rho = 0.1
+  r = jax.jit(
+    lambda b: sharpness.worst_case_sharpness(loss, template(), b, key=KEY, rho=rho, num_steps=20)
+  )(batch)
+  exact = 0.5 * rho**2 * 6.0
+  assert float(r.sharpness) <= exact * (1 + 1e-12)  # a lower bound: every iterate is feasible
+  np.testing.assert_allclose(r.sharpness, exact, rtol=1e-3)
+  np.testing.assert_allclose(np.linalg.norm(flat(r.perturbation)), rho, rtol=1e-10)
+  # l_inf on a diagonal positive Hessian: every corner of the box is a maximum, rho^2 tr(H) / 2.
+  h = jnp.linspace(0.5, 3.0, 7)
+  diag_loss = lambda w, b: 0.5 * jnp.sum(h * w**2)
+  r = sharpness.worst_case_sharpness(
+    diag_loss, jnp.zeros(7), None, key=KEY, rho=rho, norm='linf', num_steps=2
+  )
+  np.testing.assert_allclose(r.sharpness, 0.5 * rho**2 * float(jnp.sum(h)), rtol=1e-12)
+  np.testing.assert_allclose(np.abs(r.perturbation), rho)
+
+
+def relu_net(params, batch):
+  x, y = batch
+  hidden = jax.nn.relu(x @ params['w1'] + params['b1'])
+  return jnp.mean((hidden @ params['w2'] + params['b2'] - y) ** 2)
+
+
+def test_adaptive_measures_are_invariant_to_relu_rescaling():
+  """Layer 1 times c, layer 2 times 1/c: the function is unchanged, adaptive sharpness too."""
+  with jax.enable_x64(False):
+    k = jax.random.split(jax.random.key(11), 5)
+    params = {
+      'w1': jax.random.normal(k[0], (4, 8)),
+      'b1': 0.1 * jax.random.normal(k[1], (8,)),
+      'w2': jax.random.normal(k[2], (8, 1)),
+      'b2': jnp.full((1,), 0.2),
+    }
+    batch = (jax.random.normal(k[3], (32, 4)), jax.random.normal(k[4], (32, 1)))
+    c = 4.0
+    scaled = dict(params, w1=c * params['w1'], b1=c * params['b1'], w2=params['w2'] / c)
+    np.testing.assert_allclose(relu_net(params, batch), relu_net(scaled, batch), rtol=1e-6)
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def measures(p, adaptive):
+      return {
+        'average': sharpness.average_sharpness(
+          relu_net, p, batch, key=KEY, rho=0.1, adaptive=adaptive, num_samples=16
+        ).sharpness,
+        'worst-l2': sharpness.worst_case_sharpness(
+          relu_net, p, batch, key=KEY, rho=0.1, adaptive=adaptive, num_steps=10
+        ).sharpness,
+        'worst-linf': sharpness.worst_case_sharpness(
+          relu_net, p, batch, key=KEY, rho=0.02, adaptive=adaptive, norm='linf', num_steps=10
+        ).sharpness,
+      }
+
+    for adaptive in (True, False):
+      before, after = measures(params, adaptive), measures(scaled, adaptive)
+      for name in before:
+        a, b = float(before[name]), float(after[name])
+        assert a > 0, name
+        if adaptive:
+          np.testing.assert_allclose(a, b, rtol=1e-4, err_msg=name)
+        else:
+          assert abs(a - b) > 0.1 * abs(a), name  # the non-adaptive measures change
+
+
+# --- Chunks, sharding and errors ------------------------------------------------------------------
+
+
+def all_measures(loss, params, batch, num_chunks):
+  return {
+    'eig': sharpness.hessian_eigenvalues(
+      loss, params, batch, key=KEY, k=2, num_steps=8, num_chunks=num_chunks
+    )[:4],
+    'trace': sharpness.hessian_trace(
+      loss, params, batch, key=KEY, num_probes=4, num_chunks=num_chunks
+    ),
+    'trace++': sharpness.hessian_trace(
+      loss, params, batch, key=KEY, num_probes=6, method='hutch++', num_chunks=num_chunks
+    ),
+    'slq': sharpness.hessian_spectral_density(
+      loss, params, batch, key=KEY, num_probes=2, num_steps=5, num_chunks=num_chunks
+    ),
+    'sam': sharpness.sam_sharpness(loss, params, batch, num_chunks=num_chunks),
+    'average': sharpness.average_sharpness(
+      loss, params, batch, key=KEY, num_samples=4, adaptive=True, num_chunks=num_chunks
+    ),
+    'worst': sharpness.worst_case_sharpness(
+      loss, params, batch, key=KEY, num_steps=3, num_chunks=num_chunks
+    ),
+  }
+
+
+def assert_close(a, b, rtol):
+  for name in a:
+    jax.tree.map(
+      lambda x, y, name=name: np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol, err_msg=name),
+      a[name],
+      b[name],
+    )
+
+
+def test_chunked_equals_unchunked():
+  """Every measure evaluates the loss, its gradient and HVPs through these three functions."""
+  loss, params, batch = mlp_problem(batch_size=16)
+  v = jax.tree.map(jnp.ones_like, params)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(num_chunks, params, batch):
+    return (
+      hvp_lib.hvp_fn(loss, params, batch, num_chunks)(v),
+      hvp_lib.loss_and_grad(loss, params, batch, num_chunks),
+      hvp_lib.loss(loss, params, batch, num_chunks),
+      sharpness.hessian_eigenvalues(
+        loss, params, batch, key=KEY, k=2, num_steps=8, num_chunks=num_chunks
+      )[:4],
+    )
+
+  chunked, whole = run(4, params, batch), run(1, params, batch)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), chunked, whole
+  )
+  np.testing.assert_allclose(whole[2], loss(params, batch), rtol=1e-14)
+  with pytest.raises(ValueError, match='divide'):
+    sharpness.hessian_trace(loss, params, batch, key=KEY, num_probes=4, num_chunks=3)
+  with pytest.raises(ValueError, match='leading'):
+    hvp_lib.loss(loss, params, (batch[0], 1.0), 2)
+
+
+def test_sharded_batch_on_8_devices_equals_one_device():
+  """Every measure under jit with the batch split over 8 devices (and in 2 chunks)."""
+  assert jax.device_count() == 8
+  with jax.enable_x64(False):
+    loss, params, batch = mlp_problem(jnp.float32, batch_size=32)
+    mesh = jax.make_mesh((8,), ('data',))
+    sharded = jax.device_put(batch, NamedSharding(mesh, P('data')))
+    replicated = jax.device_put(params, NamedSharding(mesh, P()))
+    run = jax.jit(all_measures, static_argnums=(0, 3))
+    on_one_device = run(loss, params, batch, 1)
+    assert_close(run(loss, replicated, sharded, 2), on_one_device, rtol=2e-5)
+
+
+def test_bad_arguments_raise():
+  loss, params, batch = mlp_problem()
+  call = functools.partial(sharpness.hessian_eigenvalues, loss, params, batch, key=KEY)
+  with pytest.raises(ValueError, match='k must be'):
+    call(k=5, num_steps=4)
+  with pytest.raises(ValueError, match='k must be'):
+    sharpness.hessian_eigenvalues(
+      lambda p, b: jnp.sum(p**2), jnp.zeros(2), None, key=KEY, k=3, num_steps=10
+    )
+  with pytest.raises(ValueError, match='num_steps'):
+    call(num_steps=0)
+  with pytest.raises(ValueError, match='which'):
+    call(which='smallest')
+  with pytest.raises(ValueError, match='num_chunks'):
+    call(num_chunks=0)
+  with pytest.raises(ValueError, match='method'):
+    sharpness.hessian_trace(loss, params, batch, key=KEY, method='exact')
+  with pytest.raises(ValueError, match='num_probes'):
+    sharpness.hessian_trace(loss, params, batch, key=KEY, num_probes=3, method='hutch++')
+  with pytest.raises(ValueError, match='norm'):
+    sharpness.worst_case_sharpness(loss, params, batch, key=KEY, norm='l1')
+  with pytest.raises(ValueError, match='rho'):
+    sharpness.average_sharpness(loss, params, batch, key=KEY, rho=-1.0)
+  with pytest.raises(ValueError, match='num_samples'):
+    sharpness.average_sharpness(loss, params, batch, key=KEY, num_samples=1)
