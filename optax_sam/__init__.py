@@ -2,9 +2,26 @@
 
 from optax_sam import sharpness  # submodule: optax_sam.sharpness.hessian_eigenvalues, ...
 from optax_sam._src.adaptive import not_bias_mask
-from optax_sam._src.aliases import asam, friendly_sam, gsam, sam, stable_sam
-from optax_sam._src.corrections import Correction, gsam_correction, no_correction, stable_correction
+from optax_sam._src.aliases import asam, friendly_sam, gsam, look_sam, sam, stable_sam
+from optax_sam._src.corrections import (
+  Correction,
+  gsam_correction,
+  look_sam_correction,
+  no_correction,
+  stable_correction,
+)
+from optax_sam._src.momentum_sam import MomentumSAMState, momentum_sam
 from optax_sam._src.perturbations import AscentState, FriendlyState, ascent, friendly_direction
+from optax_sam._src.policies import (
+  AESAMState,
+  CountState,
+  Policy,
+  RandomState,
+  ae_sam,
+  after,
+  every,
+  randomly,
+)
 from optax_sam._src.sharpness_aware import (
   SAMState,
   TwoPhaseSAMState,
@@ -17,22 +34,34 @@ from optax_sam._src.statistics import SAMStatistics, step_statistics
 __version__ = '0.1.0'
 
 __all__ = (
+  'AESAMState',
   'AscentState',
   'Correction',
+  'CountState',
   'FriendlyState',
+  'MomentumSAMState',
+  'Policy',
+  'RandomState',
   'SAMState',
   'SAMStatistics',
   'TwoPhaseSAMState',
+  'ae_sam',
+  'after',
   'ascent',
   'asam',
   'clean_params',
+  'every',
   'friendly_direction',
   'friendly_sam',
   'gsam',
   'gsam_correction',
   'is_perturbed',
+  'look_sam',
+  'look_sam_correction',
+  'momentum_sam',
   'no_correction',
   'not_bias_mask',
+  'randomly',
   'sam',
   'sharpness',
   'sharpness_aware',

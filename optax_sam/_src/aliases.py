@@ -5,7 +5,7 @@ from typing import Any, Optional
 import optax
 
 from optax_sam._src import adaptive as adaptive_lib
-from optax_sam._src import corrections, perturbations
+from optax_sam._src import corrections, perturbations, policies
 from optax_sam._src import sharpness_aware as wrapper
 
 _DISTRIBUTED_ARGS = """    axis_name: the ``pmap``/``shard_map`` axis to average gradients over.
@@ -15,7 +15,10 @@ _DISTRIBUTED_ARGS = """    axis_name: the ``pmap``/``shard_map`` axis to average
     statistics: keep the step's statistics in the state (read them with
       :func:`step_statistics`); off by default, and free when off.
     perturb_in_param_dtype: hand ``grad_fn`` ``w + e`` in the params' dtype;
-      by default params narrower than float32 get float32 ``w + e`` there."""
+      by default params narrower than float32 get float32 ``w + e`` there.
+    when: a policy (:func:`every`, :func:`after`, :func:`randomly`,
+      :func:`ae_sam`) choosing which steps are SAM steps; the others are
+      plain base-optimizer steps that skip ``grad_fn`` (``None``: all SAM)."""
 
 
 def _build(
@@ -27,6 +30,7 @@ def _build(
   two_phase: bool,
   statistics: bool,
   perturb_in_param_dtype: bool,
+  when: Optional[policies.Policy],
 ) -> optax.GradientTransformationExtraArgs:
   return wrapper.sharpness_aware(
     base_optimizer,
@@ -37,6 +41,7 @@ def _build(
     two_phase=two_phase,
     statistics=statistics,
     perturb_in_param_dtype=perturb_in_param_dtype,
+    when=when,
   )
 
 
@@ -68,6 +73,7 @@ def sam(
   two_phase: bool = False,
   statistics: bool = False,
   perturb_in_param_dtype: bool = False,
+  when: Optional[policies.Policy] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization around any optax optimizer.
 
@@ -124,6 +130,7 @@ def sam(
     two_phase,
     statistics,
     perturb_in_param_dtype,
+    when,
   )
 
 
@@ -141,6 +148,7 @@ def asam(
   two_phase: bool = False,
   statistics: bool = False,
   perturb_in_param_dtype: bool = False,
+  when: Optional[policies.Policy] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adaptive SAM: SAM in the parameter-scaled space :math:`T = |w| + \eta`.
 
@@ -189,6 +197,7 @@ def asam(
     two_phase=two_phase,
     statistics=statistics,
     perturb_in_param_dtype=perturb_in_param_dtype,
+    when=when,
   )
 
 
@@ -210,6 +219,7 @@ def friendly_sam(
   two_phase: bool = False,
   statistics: bool = False,
   perturb_in_param_dtype: bool = False,
+  when: Optional[policies.Policy] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Friendly-SAM: SAM whose ascent ignores the full-gradient component.
 
@@ -266,6 +276,7 @@ def friendly_sam(
     two_phase,
     statistics,
     perturb_in_param_dtype,
+    when,
   )
 
 
@@ -283,6 +294,7 @@ def stable_sam(
   two_phase: bool = False,
   statistics: bool = False,
   perturb_in_param_dtype: bool = False,
+  when: Optional[policies.Policy] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""StableSAM: unnormalized SAM whose perturbed gradient keeps the clean norm.
 
@@ -334,6 +346,7 @@ def stable_sam(
     two_phase=two_phase,
     statistics=statistics,
     perturb_in_param_dtype=perturb_in_param_dtype,
+    when=when,
   )
 
 
@@ -348,6 +361,7 @@ def gsam(
   two_phase: bool = False,
   statistics: bool = False,
   perturb_in_param_dtype: bool = False,
+  when: Optional[policies.Policy] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Surrogate Gap Guided SAM: SAM plus a step against the surrogate gap.
 
@@ -390,8 +404,80 @@ def gsam(
     two_phase,
     statistics,
     perturb_in_param_dtype,
+    when,
   )
 
 
-for _alias in (sam, asam, friendly_sam, stable_sam, gsam):
+def look_sam(
+  base_optimizer: optax.GradientTransformation,
+  rho: perturbations.ScalarOrSchedule = 0.1,
+  alpha: float = 0.7,
+  k: int = 5,
+  *,
+  eps: float = 1e-12,
+  axis_name: Optional[str] = None,
+  local_perturbation: bool = False,
+  two_phase: bool = False,
+  statistics: bool = False,
+  perturb_in_param_dtype: bool = False,
+  when: Optional[policies.Policy] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""LookSAM: a SAM step every ``k`` steps, its extra direction reused in between.
+
+    On steps ``0, k, 2k, ...`` a SAM step (:math:`e = \rho g / (\|g\| + \epsilon)`)
+    that also stores the unit component of ``g_adv`` orthogonal to ``g``,
+
+    .. math::
+
+      v = g_{adv} - \frac{\langle g_{adv}, g\rangle}{\|g\|^2 + \epsilon} g,
+      \qquad \hat v = v / \|v\|;
+
+    on the other steps the base optimizer gets :math:`g + \alpha \|g\| \hat v`
+    and ``grad_fn`` is not evaluated (:func:`look_sam_correction` with
+    ``when=every(k)``). ``k = 1`` is SAM; ``alpha = 0`` is ``sam(...,
+    when=every(k))``. Its state holds one parameter-sized buffer.
+
+    Args:
+      base_optimizer: the optax optimizer that receives the gradients.
+      rho: perturbation radius (``>= 0``) or a schedule.
+      alpha: weight of the reused direction (``>= 0``).
+      k: the period of SAM steps (an integer ``>= 1``).
+      eps: added to norms in denominators (``>= 0``).
+  {distributed}
+      The default ``when=None`` is ``every(k)``; another policy replaces it
+      (``ae_sam`` gives the AE-LookSAM of Jiang et al. 2023), and ``k`` is
+      then unused.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` (see :func:`sam`).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, optax_sam
+      >>> loss = lambda w: jnp.sum(w ** 4)
+      >>> tx = optax_sam.look_sam(optax.sgd(0.1), rho=0.1, alpha=0.7, k=5)
+      >>> w = jnp.array([1.0, -1.0])
+      >>> state = tx.init(w)
+      >>> for _ in range(3):
+      ...   u, state = tx.update(jax.grad(loss)(w), state, w, grad_fn=jax.grad(loss))
+      ...   w = optax.apply_updates(w, u)
+
+    References:
+      Liu et al., 2022, "Towards Efficient and Scalable Sharpness-Aware
+      Minimization": https://arxiv.org/abs/2203.02714
+  """
+  policy = policies.every(k) if when is None else when
+  return _build(
+    base_optimizer,
+    perturbations.ascent(rho, eps=eps),
+    corrections.look_sam_correction(alpha, eps=eps),
+    axis_name,
+    local_perturbation,
+    two_phase,
+    statistics,
+    perturb_in_param_dtype,
+    policy,
+  )
+
+
+for _alias in (sam, asam, friendly_sam, stable_sam, gsam, look_sam):
   _alias.__doc__ = _alias.__doc__.replace('{distributed}', _DISTRIBUTED_ARGS)

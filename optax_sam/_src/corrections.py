@@ -6,10 +6,16 @@ gradient); ``apply(prepared, g_adv, w_adv)`` turns the gradient at the
 perturbed weights into the gradient handed to the base optimizer. In two-phase
 mode the prepared value is what the state carries between the two calls, and
 ``init(w)`` gives its initial value.
+
+A correction may also keep a memory across steps (LookSAM's direction):
+``remember(memory, prepared, g_sam)`` runs after each SAM step and
+``reuse(memory, g)`` gives the gradient of a plain step (one that a ``when``
+policy made without a second gradient); the defaults keep nothing and pass
+``g`` through.
 """
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,11 +35,21 @@ class Correction(NamedTuple):
       gradient ``g`` at the clean weights ``w`` (a fixed-structure tree of arrays).
     apply: ``apply(prepared, g_adv, w_adv) -> g_sam``: the corrected gradient
       from the gradient ``g_adv`` at the perturbed weights ``w_adv``.
+    init_memory: ``init_memory(w) -> memory``: the memory kept across steps
+      (default: none).
+    remember: ``remember(memory, prepared, g_sam) -> memory``: after a SAM
+      step, from the clean pass's prepared value and the SAM gradient (both
+      averaged over devices); ``None``: the memory is kept as it is.
+    reuse: ``reuse(memory, g) -> g_plain``: the gradient handed to the base
+      optimizer on a plain step; ``None``: ``g`` itself.
   """
 
   init: Callable[[optax.Params], Any]
   prepare: Callable[[optax.Updates, optax.Params], Any]
   apply: Callable[[Any, optax.Updates, optax.Params], optax.Updates]
+  init_memory: Callable[[optax.Params], Any] = lambda w: optax.EmptyState()
+  remember: Optional[Callable[[Any, Any, optax.Updates], Any]] = None
+  reuse: Optional[Callable[[Any, optax.Updates], optax.Updates]] = None
 
 
 def no_correction() -> Correction:
@@ -182,3 +198,68 @@ def gsam_correction(alpha: float = 0.4, *, eps: float = 1e-12) -> Correction:
     )
 
   return Correction(init=optax.tree.zeros_like, prepare=lambda g, w: g, apply=apply)
+
+
+def look_sam_correction(alpha: float = 0.7, *, eps: float = 1e-12) -> Correction:
+  r"""LookSAM's correction: remember the direction SAM adds to ``g``, reuse it on plain steps.
+
+    On a SAM step the base optimizer gets ``g_adv`` unchanged, and the memory
+    becomes the unit component of ``g_adv`` orthogonal to the clean ``g``:
+
+    .. math::
+
+      v = g_{adv} - rac{\langle g_{adv}, g
+  angle}{\|g\|^2 + \epsilon} g, \qquad
+      \hat v = rac{v}{\|v\|};
+
+    on a plain step the base optimizer gets :math:`g + lpha \|g\| \hat v`
+    (global norms, as in the paper's Algorithm 1; a zero ``v`` gives
+    :math:`\hat v = 0`). Used with ``when=every(k)`` by :func:`look_sam`.
+
+    Args:
+      alpha: weight of the reused direction (``>= 0``; ``0`` gives plain steps).
+      eps: added to :math:`\|g\|^2` (``>= 0``).
+
+    Returns:
+      A :class:`Correction` whose prepared value is the clean gradient and whose
+      memory is :math:`\hat v` (one parameter-sized buffer, in the gradient's dtype).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax_sam
+      >>> c = optax_sam.look_sam_correction(alpha=0.5)
+      >>> g, g_adv = jnp.array([3.0, 0.0]), jnp.array([1.0, 2.0])
+      >>> memory = c.remember(c.init_memory(g), c.prepare(g, None), g_adv)  # v = [0, 2]
+      >>> c.reuse(memory, jnp.array([0.0, 4.0]))  # g + 0.5 * 4 * [0, 1]
+      Array([0., 6.], dtype=float32)
+
+    References:
+      Liu et al., 2022, "Towards Efficient and Scalable Sharpness-Aware
+      Minimization": https://arxiv.org/abs/2203.02714
+  """
+  numerics.check_range('alpha', alpha)
+  numerics.check_range('eps', eps)
+
+  def remember(memory, g, g_sam):
+    norm = numerics.global_norm(g)
+    dot = numerics.vdot(g_sam, g).astype(norm.dtype)
+    coef = numerics.safe_ratio(dot, norm * norm + jnp.asarray(eps, norm.dtype))
+    v = jax.tree.map(lambda a, c: a.astype(coef.dtype) - coef * c.astype(coef.dtype), g_sam, g)
+    unit = numerics.safe_ratio(1, numerics.global_norm(v))
+    return jax.tree.map(lambda x, m: (x * unit).astype(m.dtype), v, memory)
+
+  def reuse(memory, g):
+    norm = numerics.global_norm(g)
+    scale = jnp.asarray(alpha, norm.dtype) * norm
+    return jax.tree.map(
+      lambda x, m: (x.astype(norm.dtype) + scale * m.astype(norm.dtype)).astype(x.dtype), g, memory
+    )
+
+  return Correction(
+    init=optax.tree.zeros_like,
+    prepare=lambda g, w: g,
+    apply=lambda g, g_adv, w_adv: g_adv,
+    init_memory=optax.tree.zeros_like,
+    remember=remember,
+    reuse=reuse,
+  )

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_sam._src import corrections
+from optax_sam._src import corrections, numerics, policies
+from optax_sam._src import momentum_sam as momentum_sam_lib
 from optax_sam._src import statistics as statistics_lib
 
 GradFn = Callable[[optax.Params], optax.Updates]
@@ -21,11 +22,16 @@ class SAMState(NamedTuple):
     base_state: state of the base optimizer.
     statistics: the last step's :class:`SAMStatistics` with
       ``statistics=True``, else an empty ``optax.EmptyState()``.
+    policy_state: state of the ``when`` policy (empty without one).
+    memory: what the correction keeps across steps (LookSAM's direction;
+      empty for the others).
   """
 
   perturbation_state: optax.OptState
   base_state: optax.OptState
   statistics: Any = optax.EmptyState()
+  policy_state: Any = optax.EmptyState()
+  memory: Any = optax.EmptyState()
 
 
 class TwoPhaseSAMState(NamedTuple):
@@ -41,6 +47,8 @@ class TwoPhaseSAMState(NamedTuple):
     base_state: state of the base optimizer.
     statistics: with ``statistics=True``, the statistics and the clean
       gradient their cosine needs; else an empty ``optax.EmptyState()``.
+    policy_state: state of the ``when`` policy (empty without one).
+    memory: what the correction keeps across steps (LookSAM's direction).
   """
 
   phase: jax.Array
@@ -49,6 +57,8 @@ class TwoPhaseSAMState(NamedTuple):
   perturbation_state: optax.OptState
   base_state: optax.OptState
   statistics: Any = optax.EmptyState()
+  policy_state: Any = optax.EmptyState()
+  memory: Any = optax.EmptyState()
 
 
 def _average(tree: Any, axis_name: Optional[str]) -> Any:
@@ -94,6 +104,7 @@ def sharpness_aware(
   two_phase: bool = False,
   statistics: bool = False,
   perturb_in_param_dtype: bool = False,
+  when: Optional[policies.Policy] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Builds a SAM-family optimizer from a perturbation, a correction and a base optimizer.
 
@@ -122,6 +133,20 @@ def sharpness_aware(
   perturbation receives the averaged gradient as the extra argument
   ``mean_grads``, and the base optimizer always gets the average.
 
+  With a ``when`` policy (:func:`every`, :func:`after`, :func:`randomly`,
+  :func:`ae_sam`) each step is either a SAM step or a *plain* step, chosen
+  from the averaged clean gradient and the policy's state, so that every
+  device chooses alike. A plain step gives the base optimizer ``g`` (or, for a
+  correction with a memory such as LookSAM's, ``correction.reuse(memory, g)``)
+  and does not evaluate ``grad_fn``: the branch is a ``lax.cond``, so its cost
+  under ``jit`` is a base step's. The base optimizer's state carries across
+  both kinds of steps. The perturbation runs on every step and its state
+  advances on plain steps too (its ``e`` is discarded): F-SAM's EMA keeps
+  tracking ``g``, and a ``rho`` schedule is indexed by the count of all
+  updates, SAM or plain. In two-phase mode a plain step is one call (it
+  receives ``g`` and returns the base update; the phase stays 0). With
+  ``statistics=True`` a plain step records ``grad_norm`` and zeros elsewhere.
+
   With ``statistics=True`` the state also keeps the step's own statistics
   (:class:`SAMStatistics`: the two gradient norms, ``||e||``, their cosine,
   F-SAM's EMA cosine and how much of ``e`` survived rounding), read with
@@ -148,6 +173,7 @@ def sharpness_aware(
       perturbation added in the narrow dtype mostly rounds away; its
       gradient is cast back before the base optimizer. Two-phase mode always
       holds ``w + e`` in the params' dtype (the statistics report the rounding).
+    when: a :class:`Policy` choosing SAM steps (``None``: every step).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` takes
@@ -177,19 +203,54 @@ def sharpness_aware(
   reduce_first = None if local_perturbation else axis_name  # average before the perturbation
   reduce_last = axis_name if local_perturbation else None  # average after the correction
 
-  def perturb(grads, state, params):
+  def perturb(grads, state, params, mean_grads=None):
     """The clean half of a step: ``(g, e, perturbation state)`` for this device."""
-    mean_grads = _average(grads, axis_name)
+    if mean_grads is None:
+      mean_grads = _average(grads, axis_name)
     g = grads if local_perturbation else mean_grads
     e, new_state = perturbation.update(g, state, params, mean_grads=mean_grads)
     return g, e, new_state
 
+  def remember(memory, prepared, g_sam):
+    """The correction's memory after a SAM step (``g_sam`` already averaged)."""
+    if correction.remember is None:
+      return memory
+    return correction.remember(memory, _average(prepared, reduce_last), g_sam)
+
+  def plain_step(grads, mean_grads, state, params, extra):
+    """A step without a second gradient: the base optimizer on ``g`` (or the correction's reuse)."""
+    _, _, perturbation_state = perturb(grads, state.perturbation_state, params, mean_grads)
+    g = mean_grads if correction.reuse is None else correction.reuse(state.memory, mean_grads)
+    updates, base_state = base_optimizer.update(
+      optax.tree.cast_like(g, params), state.base_state, params, **extra
+    )
+    stats = state.statistics
+    if statistics:
+      values = stats.values if two_phase else stats
+      values = statistics_lib.zeros(params)._replace(
+        grad_norm=numerics.global_norm(mean_grads).astype(values.grad_norm.dtype)
+      )
+      stats = stats._replace(values=values) if two_phase else values
+    new_state = state._replace(
+      perturbation_state=perturbation_state, base_state=base_state, statistics=stats
+    )
+    return optax.tree.cast_like(updates, params), new_state
+
+  def decide(mean_grads, state):
+    """``(is_sam, state with the policy's next state)``; always SAM without a policy."""
+    if when is None:
+      return jnp.asarray(True), state
+    is_sam, policy_state = when.decide(mean_grads, state.policy_state)
+    return is_sam, state._replace(policy_state=policy_state)
+
   def init_fn(params):
     perturbation_state = perturbation.init(params)
     base_state = base_optimizer.init(params)
+    policy_state = optax.EmptyState() if when is None else when.init()
+    memory = correction.init_memory(params)
     if not two_phase:
       stats = statistics_lib.zeros(params) if statistics else optax.EmptyState()
-      return SAMState(perturbation_state, base_state, stats)
+      return SAMState(perturbation_state, base_state, stats, policy_state, memory)
     if statistics:
       stats = statistics_lib.TwoPhaseStatistics(
         statistics_lib.zeros(params), jax.tree.map(jnp.zeros_like, params)
@@ -205,6 +266,8 @@ def sharpness_aware(
       perturbation_state=perturbation_state,
       base_state=base_state,
       statistics=stats,
+      policy_state=policy_state,
+      memory=memory,
     )
 
   def one_call_update(grads, state, params=None, *, grad_fn: Optional[GradFn] = None, **extra):
@@ -220,23 +283,38 @@ def sharpness_aware(
       )
     # For narrow params the perturbed pass sees float32 w + e (a transient copy).
     wide = (lambda t: t) if perturb_in_param_dtype else (lambda t: _widened(t, params))
-    g, e, perturbation_state = perturb(wide(grads), state.perturbation_state, wide(params))
-    perturbed = optax.apply_updates(wide(params), e)
-    stats = state.statistics
-    if statistics:
-      stats = statistics_lib.before_perturbed_pass(
-        g, e, params, perturbed, state.perturbation_state
+
+    def sam_step(state):
+      g, e, perturbation_state = perturb(wide(grads), state.perturbation_state, wide(params))
+      perturbed = optax.apply_updates(wide(params), e)
+      stats = state.statistics
+      if statistics:
+        stats = statistics_lib.before_perturbed_pass(
+          g, e, params, perturbed, state.perturbation_state
+        )
+      g_adv = grad_fn(perturbed)
+      _check_grad_fn_output(g_adv, grads)
+      g_adv = _average(g_adv, reduce_first)
+      if statistics:
+        stats = _average(statistics_lib.after_perturbed_pass(stats, g, g_adv), reduce_last)
+      prepared = correction.prepare(g, wide(params))
+      g_sam = correction.apply(prepared, g_adv, perturbed)
+      g_sam = optax.tree.cast_like(_average(g_sam, reduce_last), grads)
+      updates, base_state = base_optimizer.update(g_sam, state.base_state, params, **extra)
+      new_state = state._replace(
+        perturbation_state=perturbation_state,
+        base_state=base_state,
+        statistics=stats,
+        memory=remember(state.memory, prepared, g_sam),
       )
-    g_adv = grad_fn(perturbed)
-    _check_grad_fn_output(g_adv, grads)
-    g_adv = _average(g_adv, reduce_first)
-    if statistics:
-      stats = _average(statistics_lib.after_perturbed_pass(stats, g, g_adv), reduce_last)
-    g_sam = correction.apply(correction.prepare(g, wide(params)), g_adv, perturbed)
-    g_sam = optax.tree.cast_like(_average(g_sam, reduce_last), grads)
-    updates, base_state = base_optimizer.update(g_sam, state.base_state, params, **extra)
-    new_state = SAMState(perturbation_state, base_state, stats)
-    return optax.tree.cast_like(updates, params), new_state
+      return optax.tree.cast_like(updates, params), new_state
+
+    if when is None:
+      return sam_step(state)
+    mean_grads = _average(grads, axis_name)
+    is_sam, state = decide(mean_grads, state)
+    plain = lambda state: plain_step(grads, mean_grads, state, params, extra)
+    return jax.lax.cond(is_sam, sam_step, plain, state)
 
   def two_phase_update(grads, state, params=None, **extra):
     if params is None:
@@ -244,8 +322,8 @@ def sharpness_aware(
     extra.pop('grad_fn', None)
 
     def ascent_call(operands):
-      grads, state, params = operands
-      g, e, perturbation_state = perturb(grads, state.perturbation_state, params)
+      grads, mean_grads, state, params = operands
+      g, e, perturbation_state = perturb(grads, state.perturbation_state, params, mean_grads)
       stats = state.statistics
       if statistics:
         # The weights will hold w + e in their own dtype: measured here, from e.
@@ -277,12 +355,29 @@ def sharpness_aware(
       target = optax.apply_updates(state.clean_params, base_updates)
       updates = optax.tree.sub(target, params)  # lands on target from w + e
       new_state = state._replace(
-        phase=jnp.zeros_like(state.phase), base_state=base_state, statistics=stats
+        phase=jnp.zeros_like(state.phase),
+        base_state=base_state,
+        statistics=stats,
+        memory=remember(state.memory, state.prepared, g_sam),
       )
       return updates, new_state
 
+    def clean_call(operands):
+      """A call at the clean weights: the ascent, or (``when`` says so) a whole plain step."""
+      grads, state, params = operands
+      mean_grads = _average(grads, axis_name)
+      is_sam, state = decide(mean_grads, state)
+      if when is None:
+        return ascent_call((grads, mean_grads, state, params))
+
+      def plain_call(operands):
+        grads, mean_grads, state, params = operands
+        return plain_step(grads, mean_grads, state, params, extra)
+
+      return jax.lax.cond(is_sam, ascent_call, plain_call, (grads, mean_grads, state, params))
+
     grads = optax.tree.cast_like(grads, params)
-    return jax.lax.cond(state.phase == 0, ascent_call, descent_call, (grads, state, params))
+    return jax.lax.cond(state.phase == 0, clean_call, descent_call, (grads, state, params))
 
   update_fn = two_phase_update if two_phase else one_call_update
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -301,9 +396,10 @@ def clean_params(params: optax.Params, state: optax.OptState) -> optax.Params:
 
   Between the two calls of a two-phase step the model holds ``w + e``; this
   returns ``w`` then, and ``params`` otherwise (also for one-call states, which
-  never leave the weights perturbed). ``state`` may be the SAM state itself or
-  any state containing it (``optax.chain``, ``optax.inject_hyperparams``,
-  ``optax.MultiSteps``).
+  never leave the weights perturbed). A :func:`momentum_sam` state always
+  holds perturbed weights: this returns its clean ``w``. ``state`` may be the
+  SAM state itself or any state containing it (``optax.chain``,
+  ``optax.inject_hyperparams``, ``optax.MultiSteps``).
 
   Args:
     params: the weights the model holds now.
@@ -325,10 +421,13 @@ def clean_params(params: optax.Params, state: optax.OptState) -> optax.Params:
     Foret et al., 2021: https://arxiv.org/abs/2010.01412
   """
   states = _two_phase_states(state)
+  momentum_states = momentum_sam_lib.momentum_sam_states(state)
+  if len(states) + len(momentum_states) > 1:
+    raise ValueError('clean_params found more than one two-phase SAM state in the state.')
+  if momentum_states:
+    return momentum_sam_lib.clean_weights(params, momentum_states[0])
   if not states:
     return params
-  if len(states) > 1:
-    raise ValueError('clean_params found more than one two-phase SAM state in the state.')
   (sam_state,) = states
   return optax.tree.where(sam_state.phase == 1, sam_state.clean_params, params)
 

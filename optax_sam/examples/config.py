@@ -6,6 +6,12 @@ and ``gsam``, or SAM variants joined by ``+``: ``fsam+stable``, ``asam+stable``,
 switches on one feature of :func:`optax_sam.sam`: ``usam`` the unnormalized
 ascent, ``asam`` ASAM's scaling (``eta = 0.01``, biases not scaled), ``fsam``
 Friendly-SAM's direction, ``stable`` StableSAM's renormalization.
+
+The cheaper variants are ``looksam`` (LookSAM: SAM every ``--sam-every``
+steps, default 5, its direction reused in between) and ``msam`` (Momentum-SAM:
+one gradient per step). ``--sam-every K`` or ``--sam-after F`` (a fraction of
+the run) make any other SAM variant take its second gradient on some steps
+only.
 """
 
 import dataclasses
@@ -14,11 +20,11 @@ from typing import Any, Optional
 
 from optax_sam.examples import data
 
-SINGLE_OPTIMIZERS = ('sgd', 'sam', 'usam', 'asam', 'fsam', 'stablesam', 'gsam')
+SINGLE_OPTIMIZERS = ('sgd', 'sam', 'usam', 'asam', 'fsam', 'stablesam', 'gsam', 'looksam', 'msam')
 COMBINABLE = ('sam', 'usam', 'asam', 'fsam', 'stable')
 LR_SCHEDULES = ('cosine', 'constant')
 OPTIMIZER_CHOICES = (
-  'sgd, sam, usam, asam, fsam, stablesam, gsam, or SAM variants joined by + '
+  'sgd, sam, usam, asam, fsam, stablesam, gsam, looksam, msam, or SAM variants joined by + '
   '(parts sam, usam, asam, fsam, stable; e.g. fsam+stable, asam+stable, usam+stable, fsam+asam)'
 )
 
@@ -42,6 +48,8 @@ class OptimizerSpec:
     normalize: the normalized (SAM) ascent; ``False`` is USAM's.
     stable: StableSAM's renormalization.
     gsam: GSAM's correction.
+    look: LookSAM (SAM every ``k`` steps, its direction reused in between).
+    momentum: Momentum-SAM (the ascent along SGD's momentum, no second gradient).
   """
 
   name: str
@@ -51,6 +59,8 @@ class OptimizerSpec:
   normalize: bool = True
   stable: bool = False
   gsam: bool = False
+  look: bool = False
+  momentum: bool = False
 
 
 def parse_optimizer(name: str) -> OptimizerSpec:
@@ -78,6 +88,10 @@ def parse_optimizer(name: str) -> OptimizerSpec:
     return OptimizerSpec('sgd', sam=False)
   if text == 'gsam':
     return OptimizerSpec('gsam', gsam=True)
+  if text == 'looksam':
+    return OptimizerSpec('looksam', look=True)
+  if text == 'msam':
+    return OptimizerSpec('msam', momentum=True)
   if text == 'stablesam':
     text = 'usam+stable'  # the StableSAM paper's optimizer: USAM plus renormalization
   parts = text.split('+')
@@ -105,9 +119,14 @@ def parse_optimizer(name: str) -> OptimizerSpec:
 
 
 def default_rho(spec: OptimizerSpec) -> float:
-  """The official codes' radius: 0.5 with ASAM's scaling, 0.05 otherwise (0 for SGD)."""
+  """The official codes' radius: 0.5 with ASAM's scaling, 0.1 for LookSAM, 0.3 for Momentum-SAM,
+  0.05 otherwise (0 for SGD)."""
   if not spec.sam:
     return 0.0
+  if spec.look:
+    return 0.1
+  if spec.momentum:
+    return 0.3
   return 0.5 if spec.adaptive else 0.05
 
 
@@ -125,6 +144,9 @@ class Config:
     sigma: F-SAM's ``sigma``, in ``[0, 1]``.
     lmbda: F-SAM's EMA decay, in ``[0, 1]``.
     alpha: GSAM's ``alpha`` (``>= 0``).
+    look_alpha: LookSAM's ``alpha`` (``>= 0``).
+    sam_every: SAM on every ``k``-th step only (LookSAM's ``k``, default 5 there).
+    sam_after: SAM only after this fraction of the run's steps, in ``[0, 1]``.
     eta: ASAM's offset (default 0.01).
     epochs: training epochs.
     batch_size: examples per step.
@@ -146,6 +168,9 @@ class Config:
   sigma: float = 1.0
   lmbda: float = 0.9
   alpha: float = 0.4
+  look_alpha: float = 0.7
+  sam_every: Optional[int] = None
+  sam_after: Optional[float] = None
   eta: Optional[float] = None
   epochs: int = 20
   batch_size: int = 128
@@ -192,6 +217,18 @@ class Config:
     _check('sigma', self.sigma, low=0.0, high=1.0)
     _check('lmbda', self.lmbda, low=0.0, high=1.0)
     _check('alpha', self.alpha, low=0.0)
+    _check('look_alpha', self.look_alpha, low=0.0)
+    _check_int('sam_every', self.sam_every, 1, optional=True)
+    _check('sam_after', self.sam_after, low=0.0, high=1.0, optional=True)
+    if self.sam_every is not None and self.sam_after is not None:
+      raise ConfigError('--sam-every and --sam-after are exclusive: give one of them')
+    when = self.sam_every is not None or self.sam_after is not None
+    if when and (not spec.sam or spec.momentum):
+      raise ConfigError(
+        f'--sam-every/--sam-after choose SAM steps; {spec.name} takes no second gradient'
+      )
+    if spec.look and self.sam_after is not None:
+      raise ConfigError('--sam-after does not apply to looksam: its period is --sam-every')
     _check('eta', self.eta, low=0.0, optional=True)
     _check('label_noise', self.label_noise, low=0.0, high=1.0, high_open=True)
     _check('dropout', self.dropout, low=0.0, high=1.0, high_open=True)

@@ -90,14 +90,23 @@ def create_optimizer(
   spec, rho = config.spec, config.resolved_rho
   if not spec.sam:
     return optax.with_extra_args_support(base)
+  if spec.momentum:
+    return optax_sam.momentum_sam(base, rho)
+  if spec.look:
+    return optax_sam.look_sam(base, rho, alpha=config.look_alpha, k=config.sam_every or 5)
+  when = None
+  if config.sam_every is not None:
+    when = optax_sam.every(config.sam_every)
+  elif config.sam_after is not None:
+    when = optax_sam.after(int(round(config.sam_after * config.epochs * steps_per_epoch)))
   if spec.gsam:
-    return optax_sam.gsam(base, rho, alpha=config.alpha)
+    return optax_sam.gsam(base, rho, alpha=config.alpha, when=when)
   adaptive = dict(
     adaptive=spec.adaptive,
     eta=config.resolved_eta if spec.adaptive else 0.0,
     adaptive_mask=optax_sam.not_bias_mask if spec.adaptive else None,
   )
-  options = dict(normalize=spec.normalize, stable=spec.stable, **adaptive)
+  options = dict(normalize=spec.normalize, stable=spec.stable, when=when, **adaptive)
   if spec.friendly:
     return optax_sam.friendly_sam(base, rho, sigma=config.sigma, lmbda=config.lmbda, **options)
   return optax_sam.sam(base, rho, **options)
@@ -119,11 +128,37 @@ def _optimizer_key(config: config_lib.Config) -> config_lib.Config:
   """``config`` with the fields the optimizer does not depend on set to their defaults."""
   defaults = config_lib.Config()
   keep = {'optimizer', 'rho', 'lr', 'momentum', 'weight_decay', 'sigma', 'lmbda', 'alpha', 'eta'}
-  keep |= {'lr_schedule'} | ({'epochs'} if config.lr_schedule == 'cosine' else set())
+  keep |= {'look_alpha', 'sam_every', 'sam_after'}
+  keep |= {'lr_schedule'} | ({'epochs'} if _needs_run_length(config) else set())
   return dataclasses.replace(
     defaults,
     **{f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in keep},
   )
+
+
+def _needs_run_length(config: config_lib.Config) -> bool:
+  """Whether the optimizer depends on the run's length (cosine schedule, ``--sam-after``)."""
+  return config.lr_schedule == 'cosine' or config.sam_after is not None
+
+
+def _holds_perturbed_weights(optimizer: nnx.Optimizer) -> bool:
+  """Whether the optimizer is Momentum-SAM, whose model holds ``w - rho v / ||v||``."""
+  is_msam = lambda x: isinstance(x, optax_sam.MomentumSAMState)
+  return any(map(is_msam, jax.tree.leaves(nnx.as_pure(optimizer.opt_state), is_leaf=is_msam)))
+
+
+def clean_model(model: models.ResNet, optimizer: nnx.Optimizer) -> models.ResNet:
+  """``model`` at the clean weights :func:`optax_sam.clean_params` gives (Momentum-SAM's ``w``).
+
+  For the other optimizers of the example the model already holds them and is returned as is.
+  """
+  if not _holds_perturbed_weights(optimizer):
+    return model
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  clean = optax_sam.clean_params(params, nnx.as_pure(optimizer.opt_state))
+  copy = nnx.clone(model)  # a new module: updating it leaves the training model alone
+  nnx.update(copy, clean)
+  return copy
 
 
 def loss_fn(model: models.ResNet, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -241,6 +276,15 @@ class Checkpoints:
     self.manager.close()
 
 
+def _checkpointed(model: models.ResNet, optimizer: nnx.Optimizer) -> dict:
+  """What a checkpoint holds: the model at the clean weights, the optimizer state, and for
+  Momentum-SAM the perturbed weights it holds (``held``), from which training continues."""
+  state = {'model': nnx.state(clean_model(model, optimizer)), 'optimizer': nnx.state(optimizer)}
+  if _holds_perturbed_weights(optimizer):
+    state['held'] = nnx.state(model, nnx.Param)
+  return state
+
+
 def _config_for_checkpoint(config: config_lib.Config) -> dict:
   fields = config.to_dict()
   for name in config_lib.RESUMABLE_CHANGES + ('data_dir',):
@@ -321,7 +365,7 @@ def train_and_evaluate(
   fingerprint = data_lib.fingerprint(dataset)
   steps_per_epoch = len(dataset.y_train) // config.batch_size
   model = create_model(config, dataset)
-  schedule_steps = steps_per_epoch if config.lr_schedule == 'cosine' else 1
+  schedule_steps = steps_per_epoch if _needs_run_length(config) else 1
   tx = _shared_optimizer(_optimizer_key(config), schedule_steps)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
@@ -330,10 +374,12 @@ def train_and_evaluate(
   checkpoints = Checkpoints(workdir / CHECKPOINT_DIR)
   history = []
   if resume:
-    template = {'model': nnx.state(model), 'optimizer': nnx.state(optimizer)}
+    template = _checkpointed(model, optimizer)
     state, meta = checkpoints.restore(start, template)
     nnx.update(model, state['model'])
     nnx.update(optimizer, state['optimizer'])
+    if 'held' in state:  # Momentum-SAM: the weights training continues from
+      nnx.update(model, state['held'])
     history = meta['history']
     log(f'resumed from epoch {start} in {workdir / CHECKPOINT_DIR}')
 
@@ -370,7 +416,9 @@ def train_and_evaluate(
       bar.close()
       train_loss = float(jnp.mean(jnp.stack(losses)))
       train_accuracy = float(jnp.sum(jnp.stack(corrects))) / (steps_per_epoch * config.batch_size)
-      test_loss, test_accuracy = evaluate(model, dataset.x_test, dataset.y_test)
+      test_loss, test_accuracy = evaluate(
+        clean_model(model, optimizer), dataset.x_test, dataset.y_test
+      )
       record = dict(
         epoch=epoch + 1,
         train_loss=train_loss,
@@ -385,7 +433,7 @@ def train_and_evaluate(
         f'train acc {train_accuracy:.4f}  test loss {test_loss:.4f}  '
         f'test acc {test_accuracy:.4f}  ({record["seconds"]:.1f} s)'
       )
-      state = {'model': nnx.state(model), 'optimizer': nnx.state(optimizer)}
+      state = _checkpointed(model, optimizer)
       meta = {
         'epoch': epoch + 1,
         'config': _config_for_checkpoint(config),
@@ -469,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
   flag('sigma', type=number, help='F-SAM sigma (default: %(default)s)')
   flag('lmbda', type=number, help='F-SAM EMA decay (default: %(default)s)')
   flag('alpha', type=number, help='GSAM alpha (default: %(default)s)')
+  flag('look-alpha', type=number, help='LookSAM alpha (default: %(default)s)')
+  flag('sam-every', type=integer, help='SAM on every K-th step only (looksam: its k, default 5)')
+  flag('sam-after', type=number, help='SAM only after this fraction of the run, e.g. 0.75')
   flag('eta', type=number, help='ASAM eta (default: 0.01)')
   flag('epochs', type=integer, help='epochs (default: %(default)s)')
   flag('batch-size', type=integer, help='batch size (default: %(default)s)')
