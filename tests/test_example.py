@@ -270,9 +270,11 @@ def test_one_epoch_writes_metrics_plot_and_checkpoint(tmp_path, digits):
   on_disk = json.loads((tmp_path / reporting.METRICS_FILE).read_text())
   assert on_disk == json.loads(json.dumps(metrics))
   assert set(on_disk) == EXPECTED_METRIC_KEYS
-  assert set(on_disk['final']) == EXPECTED_FINAL_KEYS
+  assert set(on_disk['final']) == EXPECTED_FINAL_KEYS | {'step_statistics'}
   (epoch,) = on_disk['history']
-  assert set(epoch) == set(reporting.EPOCH_KEYS) and epoch['epoch'] == 1
+  assert set(epoch) == set(reporting.EPOCH_KEYS) | {'step_statistics'} and epoch['epoch'] == 1
+  assert set(epoch['step_statistics']) == set(optax_sam.SAMStatistics._fields) | {'norm_ratio'}
+  assert epoch['step_statistics']['perturbation_norm'] == pytest.approx(0.05, rel=1e-5)
   assert on_disk['dataset'] == {'name': 'digits', 'train_examples': 256, 'test_examples': 100}
   assert on_disk['config']['optimizer'] == 'sam' and on_disk['config']['rho'] == 0.05
   assert np.isfinite(epoch['train_loss']) and 0.0 <= epoch['test_accuracy'] <= 1.0
@@ -301,6 +303,37 @@ def test_resume_reaches_the_same_parameters_as_a_straight_run(tmp_path, digits):
   strip = lambda history: [{k: v for k, v in h.items() if k != 'seconds'} for h in history]
   assert strip(resumed['history']) == strip(straight['history'])
   assert straight['history'][1]['train_loss'] < straight['history'][0]['train_loss']
+
+
+def test_sharpness_every_records_the_measures_without_changing_training(tmp_path, digits):
+  two = dataclasses.replace(TINY, epochs=2, optimizer='fsam')
+  quiet = dict(dataset=digits, progress=False, log=lambda _: None)
+  plain = train.train_and_evaluate(two, tmp_path / 'a', **quiet)
+  measured = train.train_and_evaluate(
+    dataclasses.replace(two, sharpness_every=1), tmp_path / 'b', **quiet
+  )
+  strip = lambda history: [
+    {k: v for k, v in h.items() if k not in ('seconds', 'sharpness')} for h in history
+  ]
+  assert strip(measured['history']) == strip(plain['history'])  # measuring changes nothing
+  assert all('sharpness' not in h for h in plain['history'])
+  for h in measured['history']:
+    assert set(h['sharpness']) == {'hessian_top_eigenvalue', 'hessian_residual', 'sam_sharpness'}
+    assert h['sharpness']['hessian_top_eigenvalue'] > 0
+    assert h['step_statistics']['ema_cosine'] != 0 or h['epoch'] == 1
+  assert (tmp_path / 'b' / reporting.SHARPNESS_PLOT).read_bytes()[:4] == b'\x89PNG'
+  # The recorded SAM sharpness is L(w + e) - L(w) of the final model, by hand, in eval mode.
+  model, _, _ = restored_state(tmp_path / 'b', two, digits)
+  x = jnp.asarray(digits.x_train[: train.SHARPNESS_EXAMPLES])
+  y = jnp.asarray(digits.y_train[: train.SHARPNESS_EXAMPLES])
+  view = nnx.view(model, deterministic=True, use_running_average=True)
+  graphdef, params, rest = nnx.split(view, nnx.Param, ...)
+  loss = lambda p: train.loss_fn(nnx.merge(graphdef, p, rest), x, y)[0]
+  g = jax.grad(loss)(params)
+  e = jax.tree.map(lambda v: train.SHARPNESS_RHO * v / optax.tree.norm(g), g)
+  by_hand = float(loss(jax.tree.map(lambda w, d: w + d, params, e)) - loss(params))
+  final = measured['history'][-1]['sharpness']['sam_sharpness']
+  assert final == pytest.approx(by_hand, rel=1e-3, abs=1e-6)
 
 
 def test_resume_refuses_changed_options_and_leaves_the_run_alone(tmp_path, digits, capsys):
@@ -370,6 +403,7 @@ BAD_INPUT = [
   (['--lmbda=2'], '--lmbda must be in [0, 1], got 2.0'),
   (['--label-noise=1'], '--label-noise must be in [0, 1), got 1.0'),
   (['--epochs=0'], '--epochs must be an integer >= 1, got 0'),
+  (['--sharpness-every=-1'], '--sharpness-every must be an integer >= 0, got -1'),
   (['--epochs=ten'], "argument --epochs: must be an integer, got 'ten'"),
   (['--rho=big'], "argument --rho: must be a number, got 'big'"),
   (['--lr-schedule=step'], "unknown lr schedule 'step'; choose from cosine, constant"),

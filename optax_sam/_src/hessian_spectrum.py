@@ -274,7 +274,7 @@ def hessian_spectral_density(
   def one_probe(probe_key):
     start_key, restart_key = jax.random.split(probe_key)
     v0 = hvp_lib.random_like(start_key, params, 'rademacher')
-    run = lanczos_lib.lanczos(hvp, v0, num_steps, restart_key, unroll=unroll)
+    run = lanczos_lib.lanczos(hvp, v0, num_steps, restart_key)
     values, vectors, ok = lanczos_lib.tridiagonal_eigh(run.alphas, run.betas, run.valid)
     weights = jnp.where(ok, vectors[0] ** 2, 0)
     return jnp.where(ok, values, 0), weights

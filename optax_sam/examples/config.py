@@ -29,7 +29,7 @@ OPTIMIZER_CHOICES = (
 )
 
 # Options a resumed run must share with the run that wrote the checkpoint.
-RESUMABLE_CHANGES = ('epochs',)
+RESUMABLE_CHANGES = ('epochs', 'sharpness_every')
 
 
 class ConfigError(ValueError):
@@ -157,6 +157,8 @@ class Config:
     width: channels of the first stage (doubled at each of the three stages).
     num_samples: MNIST-1D only: examples to generate (default 5000: 4000 train, 1000 test).
     data_dir: dataset cache folder (see :func:`optax_sam.examples.data.load`).
+    sharpness_every: measure the top Hessian eigenvalue and the SAM sharpness
+      every this many epochs (and after the last one); 0: never.
   """
 
   optimizer: str = 'sam'
@@ -181,6 +183,7 @@ class Config:
   width: int = 32
   num_samples: Optional[int] = None
   data_dir: Optional[str] = None
+  sharpness_every: int = 0
 
   @property
   def spec(self) -> OptimizerSpec:
@@ -236,6 +239,7 @@ class Config:
     _check_int('batch_size', self.batch_size, 1)
     _check_int('seed', self.seed, 0)
     _check_int('width', self.width, 1)
+    _check_int('sharpness_every', self.sharpness_every, 0)
     _check_int('num_samples', self.num_samples, 20, optional=True)
     if self.num_samples is not None and self.dataset != 'mnist1d':
       raise ConfigError(f'--num-samples applies to mnist1d only, not to {self.dataset}')

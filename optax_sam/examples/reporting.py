@@ -10,6 +10,7 @@ METRICS_FILE = 'metrics.json'
 CURVES_FILE = 'curves.png'
 COMPARISON_FILE = 'comparison.json'
 COMPARISON_PLOT = 'comparison.png'
+SHARPNESS_PLOT = 'sharpness.png'
 EPOCH_KEYS = ('epoch', 'train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'seconds')
 
 
@@ -43,6 +44,39 @@ def plot_curves(path: pathlib.Path, history: Sequence[dict], title: str) -> None
   loss_ax.set(xlabel='epoch', ylabel='cross-entropy', title='loss')
   acc_ax.set(xlabel='epoch', ylabel='accuracy', title='accuracy')
   _finish(fig, (loss_ax, acc_ax), path, title)
+
+
+def plot_sharpness(path: pathlib.Path, history: Sequence[dict], title: str) -> None:
+  """The measured sharpness and the SAM step's statistics per epoch, in one PNG."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+
+  fig, (eig_ax, sam_ax, step_ax) = plt.subplots(1, 3, figsize=(15, 4))
+  measured = [h for h in history if 'sharpness' in h]
+  epochs = [h['epoch'] for h in measured]
+  eig_ax.plot(
+    epochs, [h['sharpness']['hessian_top_eigenvalue'] for h in measured], 'o-', label='lambda_1'
+  )
+  sam_ax.plot(
+    epochs, [h['sharpness']['sam_sharpness'] for h in measured], 'o-', label='L(w + e) - L(w)'
+  )
+  eig_ax.set(xlabel='epoch', ylabel='eigenvalue', title='top Hessian eigenvalue (eval mode)')
+  sam_ax.set(xlabel='epoch', ylabel='loss increase', title='SAM sharpness (rho = 0.05)')
+  stepped = [h for h in history if 'step_statistics' in h]
+  epochs = [h['epoch'] for h in stepped]
+  labels = {
+    'norm_ratio': '||g_adv|| / ||g||',
+    'cosine': 'cos(g, g_adv)',
+    'ema_cosine': 'cos(EMA, g) (F-SAM)',
+  }
+  for name, label in labels.items():
+    values = [h['step_statistics'][name] for h in stepped]
+    if name != 'ema_cosine' or any(values):
+      step_ax.plot(epochs, values, label=label)
+  step_ax.set(xlabel='epoch', ylabel='epoch mean', title='SAM step statistics')
+  _finish(fig, (eig_ax, sam_ax, step_ax), path, title)
 
 
 def _finish(fig, axes, path: pathlib.Path, title: str) -> None:

@@ -35,11 +35,17 @@ from flax import nnx
 
 import optax_sam
 import optax_sam.flax
+from optax_sam import sharpness
 from optax_sam.examples import config as config_lib
 from optax_sam.examples import data as data_lib
 from optax_sam.examples import models, reporting
 
 EVAL_BATCH_SIZE = 500
+# Sharpness is measured on the first SHARPNESS_EXAMPLES training examples, in eval
+# mode, with SAM's normalized ascent at SHARPNESS_RHO whatever the optimizer.
+SHARPNESS_EXAMPLES = 512
+SHARPNESS_RHO = 0.05
+SHARPNESS_LANCZOS_STEPS = 20
 CHECKPOINT_DIR = 'checkpoints'
 LogFn = Callable[[str], None]
 
@@ -71,6 +77,7 @@ def create_optimizer(
 
   Returns:
     The optimizer; for ``sgd`` the base optimizer, which ignores ``grad_fn``.
+    SAM variants keep their step statistics (:func:`optax_sam.step_statistics`).
 
   Example:
     >>> from optax_sam.examples import config, train
@@ -100,13 +107,15 @@ def create_optimizer(
   elif config.sam_after is not None:
     when = optax_sam.after(int(round(config.sam_after * config.epochs * steps_per_epoch)))
   if spec.gsam:
-    return optax_sam.gsam(base, rho, alpha=config.alpha, when=when)
+    return optax_sam.gsam(base, rho, alpha=config.alpha, when=when, statistics=True)
   adaptive = dict(
     adaptive=spec.adaptive,
     eta=config.resolved_eta if spec.adaptive else 0.0,
     adaptive_mask=optax_sam.not_bias_mask if spec.adaptive else None,
   )
-  options = dict(normalize=spec.normalize, stable=spec.stable, when=when, **adaptive)
+  options = dict(
+    normalize=spec.normalize, stable=spec.stable, when=when, statistics=True, **adaptive
+  )
   if spec.friendly:
     return optax_sam.friendly_sam(base, rho, sigma=config.sigma, lmbda=config.lmbda, **options)
   return optax_sam.sam(base, rho, **options)
@@ -167,16 +176,49 @@ def loss_fn(model: models.ResNet, x: jax.Array, y: jax.Array) -> tuple[jax.Array
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
 
 
+def _step_statistics(optimizer: nnx.Optimizer) -> dict[str, jax.Array]:
+  """The SAM step's statistics as a dict (empty for plain SGD, which keeps none)."""
+  try:
+    stats = optax_sam.step_statistics(nnx.as_pure(optimizer.opt_state))
+  except ValueError:
+    return {}
+  nonzero = stats.grad_norm > 0
+  ratio = jnp.where(nonzero, stats.adv_grad_norm / jnp.where(nonzero, stats.grad_norm, 1), 0)
+  return stats._asdict() | {'norm_ratio': ratio}
+
+
 @nnx.jit
 def train_step(
   model: models.ResNet, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-  """One SAM step; returns the clean pass's loss and number of correct predictions."""
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """One SAM step; returns the clean pass's loss, the correct predictions and the statistics."""
   (loss, logits), grads, grad_fn = optax_sam.flax.nnx_value_and_grad(
     loss_fn, model, x, y, has_aux=True
   )
   optimizer.update(model, grads, grad_fn=grad_fn)
-  return loss, jnp.sum(jnp.argmax(logits, -1) == y)
+  return loss, jnp.sum(jnp.argmax(logits, -1) == y), _step_statistics(optimizer)
+
+
+@functools.partial(nnx.jit, static_argnames='num_steps')
+def measure_sharpness(
+  model: models.ResNet, x: jax.Array, y: jax.Array, key: jax.Array, num_steps: int
+) -> dict[str, jax.Array]:
+  """The top Hessian eigenvalue (and its residual) and the SAM sharpness on ``(x, y)``, eval mode.
+
+  Eval mode (running BatchNorm statistics, no dropout) measures the function the
+  model computes at test time, and does not depend on how the batch is split.
+  """
+  batch_loss = lambda m, batch: loss_fn(m, *batch)[0]
+  loss_of_params, params = optax_sam.flax.nnx_loss_fn(batch_loss, model, train=False)
+  top = sharpness.hessian_eigenvalues(
+    loss_of_params, params, (x, y), key=key, k=1, num_steps=num_steps
+  )
+  sam = sharpness.sam_sharpness(loss_of_params, params, (x, y), rho=SHARPNESS_RHO)
+  return {
+    'hessian_top_eigenvalue': top.eigenvalues[0],
+    'hessian_residual': top.residuals[0],
+    'sam_sharpness': sam.sharpness,
+  }
 
 
 @nnx.jit
@@ -384,6 +426,10 @@ def train_and_evaluate(
     log(f'resumed from epoch {start} in {workdir / CHECKPOINT_DIR}')
 
   title = f'{config.optimizer} on {dataset.name} (rho={config.resolved_rho:g}, seed {config.seed})'
+  sharpness_batch = (
+    jnp.asarray(dataset.x_train[:SHARPNESS_EXAMPLES]),
+    jnp.asarray(dataset.y_train[:SHARPNESS_EXAMPLES]),
+  )
   metrics = {
     'config': config.to_dict() | {'rho': config.resolved_rho},
     'dataset': {
@@ -406,11 +452,12 @@ def train_and_evaluate(
         leave=False,
         disable=None if progress else True,  # None: only on a terminal
       )
-      losses, corrects = [], []
+      losses, corrects, statistics = [], [], []
       for step, (x, y) in enumerate(bar):
-        loss, correct = train_step(model, optimizer, x, y)
+        loss, correct, stats = train_step(model, optimizer, x, y)
         losses.append(loss)
         corrects.append(correct)
+        statistics.append(stats)
         if progress and step % 10 == 0:
           bar.set_postfix(loss=f'{float(loss):.4f}')
       bar.close()
@@ -427,11 +474,27 @@ def train_and_evaluate(
         test_accuracy=test_accuracy,
         seconds=time.perf_counter() - began,
       )
+      if statistics[0]:  # the epoch's mean of each SAM step statistic
+        record['step_statistics'] = {
+          name: float(jnp.mean(jnp.stack([s[name] for s in statistics]))) for name in statistics[0]
+        }
+      every = config.sharpness_every
+      if every and ((epoch + 1) % every == 0 or epoch + 1 == config.epochs):
+        measured = measure_sharpness(
+          model, *sharpness_batch, jax.random.key(config.seed), SHARPNESS_LANCZOS_STEPS
+        )
+        record['sharpness'] = {name: float(v) for name, v in measured.items()}
       history.append(record)
+      measured = ''
+      if 'sharpness' in record:
+        measured = (
+          f'  top eigenvalue {record["sharpness"]["hessian_top_eigenvalue"]:.3f}'
+          f'  sam sharpness {record["sharpness"]["sam_sharpness"]:.4f}'
+        )
       log(
         f'epoch {epoch + 1:>3}/{config.epochs}  train loss {train_loss:.4f}  '
         f'train acc {train_accuracy:.4f}  test loss {test_loss:.4f}  '
-        f'test acc {test_accuracy:.4f}  ({record["seconds"]:.1f} s)'
+        f'test acc {test_accuracy:.4f}  ({record["seconds"]:.1f} s){measured}'
       )
       state = _checkpointed(model, optimizer)
       meta = {
@@ -448,6 +511,8 @@ def train_and_evaluate(
   metrics |= {'history': history, 'final': reporting.summary(history)}
   reporting.write_json(workdir / reporting.METRICS_FILE, metrics)
   reporting.plot_curves(workdir / reporting.CURVES_FILE, history, title)
+  if any('sharpness' in h or 'step_statistics' in h for h in history):
+    reporting.plot_sharpness(workdir / reporting.SHARPNESS_PLOT, history, title)
   return metrics
 
 
@@ -530,6 +595,13 @@ def build_parser() -> argparse.ArgumentParser:
   flag('width', type=integer, help='channels of the first stage (default: %(default)s)')
   flag('num-samples', type=integer, help='mnist1d examples to generate (default: 5000)')
   flag('data-dir', help='dataset cache / tensorflow-datasets folder')
+  flag(
+    'sharpness-every',
+    type=integer,
+    metavar='N',
+    help='every N epochs, measure the top Hessian eigenvalue and the SAM sharpness on a fixed '
+    f'batch of {SHARPNESS_EXAMPLES} training examples (default: 0, never)',
+  )
   parser.add_argument('--workdir', help='output folder (default: runs/<dataset>-<optimizer>)')
   parser.add_argument(
     '--resume', action='store_true', help='continue from the checkpoint in --workdir'
@@ -602,7 +674,7 @@ def check_writable(workdir: pathlib.Path) -> None:
 def _clear_previous_run(workdir: pathlib.Path) -> None:
   """Removes what an earlier run left in ``workdir`` (only the files this script writes)."""
   shutil.rmtree(workdir / CHECKPOINT_DIR, ignore_errors=True)
-  for name in (reporting.METRICS_FILE, reporting.CURVES_FILE):
+  for name in (reporting.METRICS_FILE, reporting.CURVES_FILE, reporting.SHARPNESS_PLOT):
     (workdir / name).unlink(missing_ok=True)
 
 
