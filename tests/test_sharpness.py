@@ -517,3 +517,17 @@ def test_bad_arguments_raise():
     sharpness.average_sharpness(loss, params, batch, key=KEY, rho=-1.0)
   with pytest.raises(ValueError, match='num_samples'):
     sharpness.average_sharpness(loss, params, batch, key=KEY, num_samples=1)
+
+
+def test_unrolled_lanczos_gives_the_rolled_answer():
+  h = jnp.array([5.0, 3.0, 1.0, -2.0, 0.5, 4.0])
+  loss_fn = lambda p, batch: 0.5 * jnp.sum(h * p['w'] ** 2) + 0.5 * jnp.sum(p['b'] ** 2)
+  params = {'w': jnp.ones(6), 'b': jnp.ones((2, 2))}
+  kwargs = dict(key=jax.random.key(3), k=2, num_steps=10)  # 10 parameters: exact
+  rolled = sharpness.hessian_eigenvalues(loss_fn, params, None, **kwargs)
+  unrolled = jax.jit(
+    lambda p: sharpness.hessian_eigenvalues(loss_fn, p, None, unroll=True, **kwargs)
+  )(params)
+  np.testing.assert_allclose(unrolled.eigenvalues, rolled.eigenvalues, rtol=1e-6)
+  np.testing.assert_allclose(unrolled.residuals, rolled.residuals, atol=1e-5)
+  np.testing.assert_allclose(unrolled.eigenvalues[0], 5.0, rtol=1e-5)
