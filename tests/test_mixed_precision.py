@@ -20,25 +20,28 @@ ALIASES = {
   'stable': lambda **k: optax_sam.stable_sam(optax.sgd(0.1), **k),
   'gsam': lambda **k: optax_sam.gsam(optax.sgd(0.1), **k),
   'fsam_stable': lambda **k: optax_sam.friendly_sam(optax.sgd(0.1), stable=True, **k),
+  'sam_every_2': lambda **k: optax_sam.sam(optax.sgd(0.1), when=optax_sam.every(2), **k),
+  'look_sam': lambda **k: optax_sam.look_sam(optax.sgd(0.1, momentum=0.9), k=2, **k),
 }
 NARROW = (jnp.bfloat16, jnp.float16)
 
 
 def _seen_by_grad_fn(tx, params, grad_fn, grads=None):
-  """The weights a jitted one-call step hands to ``grad_fn``, and the step's outputs."""
+  """The weights a jitted one-call step hands to ``grad_fn`` (read back by a host callback,
+  which works inside the branch of a ``when`` policy too), and the step's outputs."""
+  seen = []
+
+  def recording(p):
+    jax.debug.callback(lambda q: seen.append(jax.tree.map(np.asarray, q)), p)
+    return grad_fn(p)
 
   @jax.jit
   def step(params, grads):
-    seen = []
+    return tx.update(grads, tx.init(params), params, grad_fn=recording)
 
-    def recording(p):
-      seen.append(p)
-      return grad_fn(p)
-
-    updates, state = tx.update(grads, tx.init(params), params, grad_fn=recording)
-    return seen[0], updates, state
-
-  return step(params, grad_fn(params) if grads is None else grads)
+  updates, state = jax.block_until_ready(step(params, grad_fn(params) if grads is None else grads))
+  (weights,) = seen
+  return weights, updates, state
 
 
 @pytest.mark.parametrize('dtype', NARROW, ids=lambda d: jnp.dtype(d).name)
