@@ -436,8 +436,8 @@ def look_sam(
 
     on the other steps the base optimizer gets :math:`g + \alpha \|g\| \hat v`
     and ``grad_fn`` is not evaluated (:func:`look_sam_correction` with
-    ``when=every(k)``). ``k = 1`` is SAM; ``alpha = 0`` is ``sam(...,
-    when=every(k))``. Its state holds one parameter-sized buffer.
+    ``when=every(k)``). ``k = 1`` is SAM; ``alpha = 0`` is :func:`sam` with
+    ``when=every(k)``. Its state holds one parameter-sized buffer.
 
     Args:
       base_optimizer: the optax optimizer that receives the gradients.
@@ -446,9 +446,9 @@ def look_sam(
       k: the period of SAM steps (an integer ``>= 1``).
       eps: added to norms in denominators (``>= 0``).
   {distributed}
-      The default ``when=None`` is ``every(k)``; another policy replaces it
-      (``ae_sam`` gives the AE-LookSAM of Jiang et al. 2023), and ``k`` is
-      then unused.
+        For LookSAM the default ``when=None`` is ``every(k)``; another policy
+        replaces it (``ae_sam`` gives the AE-LookSAM of Jiang et al. 2023),
+        and ``k`` is then unused.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` (see :func:`sam`).

@@ -203,39 +203,38 @@ def gsam_correction(alpha: float = 0.4, *, eps: float = 1e-12) -> Correction:
 def look_sam_correction(alpha: float = 0.7, *, eps: float = 1e-12) -> Correction:
   r"""LookSAM's correction: remember the direction SAM adds to ``g``, reuse it on plain steps.
 
-    On a SAM step the base optimizer gets ``g_adv`` unchanged, and the memory
-    becomes the unit component of ``g_adv`` orthogonal to the clean ``g``:
+  On a SAM step the base optimizer gets ``g_adv`` unchanged, and the memory
+  becomes the unit component of ``g_adv`` orthogonal to the clean ``g``:
 
-    .. math::
+  .. math::
 
-      v = g_{adv} - rac{\langle g_{adv}, g
-  angle}{\|g\|^2 + \epsilon} g, \qquad
-      \hat v = rac{v}{\|v\|};
+    v = g_{adv} - \frac{\langle g_{adv}, g\rangle}{\|g\|^2 + \epsilon} g, \qquad
+    \hat v = \frac{v}{\|v\|};
 
-    on a plain step the base optimizer gets :math:`g + lpha \|g\| \hat v`
-    (global norms, as in the paper's Algorithm 1; a zero ``v`` gives
-    :math:`\hat v = 0`). Used with ``when=every(k)`` by :func:`look_sam`.
+  on a plain step the base optimizer gets :math:`g + \alpha \|g\| \hat v`
+  (global norms, as in the paper's Algorithm 1; a zero ``v`` gives
+  :math:`\hat v = 0`). Used with ``when=every(k)`` by :func:`look_sam`.
 
-    Args:
-      alpha: weight of the reused direction (``>= 0``; ``0`` gives plain steps).
-      eps: added to :math:`\|g\|^2` (``>= 0``).
+  Args:
+    alpha: weight of the reused direction (``>= 0``; ``0`` gives plain steps).
+    eps: added to :math:`\|g\|^2` (``>= 0``).
 
-    Returns:
-      A :class:`Correction` whose prepared value is the clean gradient and whose
-      memory is :math:`\hat v` (one parameter-sized buffer, in the gradient's dtype).
+  Returns:
+    A :class:`Correction` whose prepared value is the clean gradient and whose
+    memory is :math:`\hat v` (one parameter-sized buffer, in the gradient's dtype).
 
-    Example:
-      >>> import jax.numpy as jnp
-      >>> import optax_sam
-      >>> c = optax_sam.look_sam_correction(alpha=0.5)
-      >>> g, g_adv = jnp.array([3.0, 0.0]), jnp.array([1.0, 2.0])
-      >>> memory = c.remember(c.init_memory(g), c.prepare(g, None), g_adv)  # v = [0, 2]
-      >>> c.reuse(memory, jnp.array([0.0, 4.0]))  # g + 0.5 * 4 * [0, 1]
-      Array([0., 6.], dtype=float32)
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax_sam
+    >>> c = optax_sam.look_sam_correction(alpha=0.5)
+    >>> g, g_adv = jnp.array([3.0, 0.0]), jnp.array([1.0, 2.0])
+    >>> memory = c.remember(c.init_memory(g), c.prepare(g, None), g_adv)  # v = [0, 2]
+    >>> c.reuse(memory, jnp.array([0.0, 4.0]))  # g + 0.5 * 4 * [0, 1]
+    Array([0., 6.], dtype=float32)
 
-    References:
-      Liu et al., 2022, "Towards Efficient and Scalable Sharpness-Aware
-      Minimization": https://arxiv.org/abs/2203.02714
+  References:
+    Liu et al., 2022, "Towards Efficient and Scalable Sharpness-Aware
+    Minimization": https://arxiv.org/abs/2203.02714
   """
   numerics.check_range('alpha', alpha)
   numerics.check_range('eps', eps)

@@ -116,7 +116,7 @@ def every(k: int) -> Policy:
 
 
 def after(n: int) -> Policy:
-  """Plain steps ``0 .. n-1``, then SAM on every step: SAM late in training.
+  """Plain steps before step ``n``, then SAM on every step: SAM late in training.
 
   ``after(0)`` is SAM on every step. For SAM on the last quarter of a run of
   ``N`` steps, ``after(int(0.75 * N))``.
