@@ -67,7 +67,7 @@ def run_one(config: config_lib.Config, dataset: data_lib.Dataset) -> dict:
     for x, y in data_lib.train_batches(
       dataset.x_train, dataset.y_train, config.batch_size, config.seed, epoch
     ):
-      loss, _ = train.train_step(model, optimizer, x, y)
+      loss = train.train_step(model, optimizer, x, y)[0]
     jax.block_until_ready(loss)
     if epoch > 0 or config.epochs == 1:
       timed += time.perf_counter() - began
