@@ -10,6 +10,7 @@ from optax_sam._src.corrections import (
   no_correction,
   stable_correction,
 )
+from optax_sam._src.micro_batches import MicroBatches, accumulated_grad_fn, micro_batches
 from optax_sam._src.momentum_sam import MomentumSAMState, momentum_sam
 from optax_sam._src.perturbations import AscentState, FriendlyState, ascent, friendly_direction
 from optax_sam._src.policies import (
@@ -39,12 +40,14 @@ __all__ = (
   'Correction',
   'CountState',
   'FriendlyState',
+  'MicroBatches',
   'MomentumSAMState',
   'Policy',
   'RandomState',
   'SAMState',
   'SAMStatistics',
   'TwoPhaseSAMState',
+  'accumulated_grad_fn',
   'ae_sam',
   'after',
   'ascent',
@@ -58,6 +61,7 @@ __all__ = (
   'is_perturbed',
   'look_sam',
   'look_sam_correction',
+  'micro_batches',
   'momentum_sam',
   'no_correction',
   'not_bias_mask',

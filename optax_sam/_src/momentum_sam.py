@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_sam._src import micro_batches as micro_batches_lib
 from optax_sam._src import numerics
 
 _MOMENTUM_STATES = (optax.TraceState, optax.ScaleByAdamState)
@@ -140,6 +141,11 @@ def momentum_sam(
   def update_fn(updates, state, params=None, **extra):
     if params is None:
       raise ValueError('momentum_sam needs the held params: call update(grads, state, params).')
+    if isinstance(extra.get('grad_fn'), micro_batches_lib.MicroBatches):
+      raise ValueError(
+        'momentum_sam takes no second gradient, so it cannot run micro_batches: pass it the '
+        'gradient of the whole batch.'
+      )
     dtype = state.scale.dtype
     v_prev = momentum(state.base_state)
     clean = _add_scaled(params, state.scale, v_prev)

@@ -25,10 +25,14 @@ class Policy(NamedTuple):
     init: ``init() -> state``: the initial state (arrays only).
     decide: ``decide(grads, state) -> (is_sam, state)``: a boolean scalar
       array for this step, and the next state.
+    reads_gradient: whether ``decide`` looks at ``grads``. A policy that does
+      not (``every``, ``after``, ``randomly``) can decide before any gradient
+      is known, which the ``scan`` route of :func:`micro_batches` needs.
   """
 
   init: Callable[[], Any]
   decide: Callable[[optax.Updates, Any], tuple[jax.Array, Any]]
+  reads_gradient: bool = True
 
 
 class CountState(NamedTuple):
@@ -112,7 +116,7 @@ def every(k: int) -> Policy:
     del grads
     return state.count % k == 0, CountState(optax.safe_increment(state.count))
 
-  return Policy(lambda: CountState(_zero_count()), decide)
+  return Policy(lambda: CountState(_zero_count()), decide, reads_gradient=False)
 
 
 def after(n: int) -> Policy:
@@ -148,7 +152,7 @@ def after(n: int) -> Policy:
     del grads
     return state.count >= n, CountState(optax.safe_increment(state.count))
 
-  return Policy(lambda: CountState(_zero_count()), decide)
+  return Policy(lambda: CountState(_zero_count()), decide, reads_gradient=False)
 
 
 def randomly(p: float, seed: int) -> Policy:
@@ -194,7 +198,7 @@ def randomly(p: float, seed: int) -> Policy:
       RandomState(optax.safe_increment(state.count), state.key),
     )
 
-  return Policy(init, decide)
+  return Policy(init, decide, reads_gradient=False)
 
 
 def ae_sam(

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_sam._src import corrections, numerics, policies
+from optax_sam._src import micro_batches as micro_batches_lib
 from optax_sam._src import momentum_sam as momentum_sam_lib
 from optax_sam._src import statistics as statistics_lib
 
@@ -61,8 +62,37 @@ class TwoPhaseSAMState(NamedTuple):
   memory: Any = optax.EmptyState()
 
 
-def _average(tree: Any, axis_name: Optional[str]) -> Any:
+def _average(tree: Any, axis_name: Any) -> Any:
   return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
+class _Axes(NamedTuple):
+  """Where a step averages: the mapped axis (or axes), and whether each member perturbs alone.
+
+  A member is a device under ``pmap``/``shard_map``, or a group of examples under
+  :func:`micro_batches`' vmap route (then ``name`` also holds the group axis).
+  """
+
+  name: Any
+  local: bool
+
+  def mean(self, tree: Any) -> Any:
+    return _average(tree, self.name)
+
+  def before(self, tree: Any) -> Any:
+    """Averaged before the perturbation (global perturbation), else as is."""
+    return tree if self.local else self.mean(tree)
+
+  def after(self, tree: Any) -> Any:
+    """Averaged after the correction (local perturbation), else as is."""
+    return self.mean(tree) if self.local else tree
+
+
+def _with_group_axis(axis_name: Any) -> Any:
+  if axis_name is None:
+    return micro_batches_lib.GROUP_AXIS
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  return (*names, micro_batches_lib.GROUP_AXIS)
 
 
 def _widened(tree: Any, params: Any) -> Any:
@@ -200,26 +230,25 @@ def sharpness_aware(
     raise ValueError('local_perturbation=True needs axis_name (the axis of pmap or shard_map).')
   base_optimizer = optax.with_extra_args_support(base_optimizer)
   perturbation = optax.with_extra_args_support(perturbation)
-  reduce_first = None if local_perturbation else axis_name  # average before the perturbation
-  reduce_last = axis_name if local_perturbation else None  # average after the correction
+  device_axes = _Axes(axis_name, local_perturbation)
 
-  def perturb(grads, state, params, mean_grads=None):
-    """The clean half of a step: ``(g, e, perturbation state)`` for this device."""
+  def perturb(grads, state, params, axes, mean_grads=None):
+    """The clean half of a step: ``(g, e, perturbation state)`` for this member."""
     if mean_grads is None:
-      mean_grads = _average(grads, axis_name)
-    g = grads if local_perturbation else mean_grads
+      mean_grads = axes.mean(grads)
+    g = grads if axes.local else mean_grads
     e, new_state = perturbation.update(g, state, params, mean_grads=mean_grads)
     return g, e, new_state
 
   def remember(memory, prepared, g_sam):
-    """The correction's memory after a SAM step (``g_sam`` already averaged)."""
+    """The correction's memory after a SAM step (``prepared`` and ``g_sam`` already averaged)."""
     if correction.remember is None:
       return memory
-    return correction.remember(memory, _average(prepared, reduce_last), g_sam)
+    return correction.remember(memory, prepared, g_sam)
 
-  def plain_gradient(grads, mean_grads, state, params):
+  def plain_gradient(grads, mean_grads, state, params, axes):
     """A plain step's gradient ``g`` (or the correction's reuse) and its state, before the base."""
-    _, _, perturbation_state = perturb(grads, state.perturbation_state, params, mean_grads)
+    _, _, perturbation_state = perturb(grads, state.perturbation_state, params, axes, mean_grads)
     g = mean_grads if correction.reuse is None else correction.reuse(state.memory, mean_grads)
     stats = state.statistics
     if statistics:
@@ -229,11 +258,11 @@ def sharpness_aware(
       )
       stats = stats._replace(values=values) if two_phase else values
     new_state = state._replace(perturbation_state=perturbation_state, statistics=stats)
-    return optax.tree.cast_like(g, grads), new_state
+    return optax.tree.cast_like(g, params), new_state
 
   def plain_step(grads, mean_grads, state, params, extra):
     """A step without a second gradient: the base optimizer on ``g`` (or the correction's reuse)."""
-    g, state = plain_gradient(grads, mean_grads, state, params)
+    g, state = plain_gradient(grads, mean_grads, state, params, device_axes)
     updates, base_state = base_optimizer.update(g, state.base_state, params, **extra)
     return optax.tree.cast_like(updates, params), state._replace(base_state=base_state)
 
@@ -271,6 +300,144 @@ def sharpness_aware(
       memory=memory,
     )
 
+  # For narrow params the perturbed pass sees float32 w + e (a transient copy).
+  def widen(tree, params):
+    return tree if perturb_in_param_dtype else _widened(tree, params)
+
+  def member_gradient(g, mean_grads, state, params, grad_fn, axes):
+    """One member's SAM gradient before the average over members, from its clean gradient ``g``.
+
+    ``g`` and ``mean_grads`` are already widened. Returns ``(g_sam, prepared,
+    statistics, perturbation state)``.
+    """
+    wide_params = widen(params, params)
+    e, perturbation_state = perturbation.update(
+      g, state.perturbation_state, wide_params, mean_grads=mean_grads
+    )
+    perturbed = optax.apply_updates(wide_params, e)
+    stats = state.statistics
+    if statistics:
+      stats = statistics_lib.before_perturbed_pass(
+        g, e, params, perturbed, state.perturbation_state
+      )
+    g_adv = grad_fn(perturbed)
+    _check_grad_fn_output(g_adv, g)
+    g_adv = axes.before(g_adv)
+    if statistics:
+      stats = statistics_lib.after_perturbed_pass(stats, g, g_adv)
+    prepared = correction.prepare(g, wide_params)
+    g_sam = correction.apply(prepared, g_adv, perturbed)
+    return g_sam, prepared, stats, perturbation_state
+
+  def finish(g, state, params, extra):
+    updates, base_state = base_optimizer.update(g, state.base_state, params, **extra)
+    return optax.tree.cast_like(updates, params), state._replace(base_state=base_state)
+
+  def conditional_step(is_sam, sam_gradient, plain, state, params, extra):
+    """The base step on the gradient of whichever branch ``is_sam`` picks."""
+    # The conditional returns only the gradient for the base optimizer and the small states: the
+    # base update runs once, after it, so that its outputs can reuse the donated buffers.
+    base_state = state.base_state
+    g, state = jax.lax.cond(is_sam, sam_gradient, plain, state._replace(base_state=None))
+    return finish(g, state._replace(base_state=base_state), params, extra)
+
+  def one_call_step(grads, state, params, grad_fn, extra, axes):
+    """A one-call step of one member (the whole step, or a device's, or a group's share)."""
+    wide_grads = widen(grads, params)
+
+    def sam_gradient(state):
+      """The SAM gradient and the state after it, all but the base optimizer's update."""
+      mean_grads = axes.mean(wide_grads)
+      g = wide_grads if axes.local else mean_grads
+      g_sam, prepared, stats, perturbation_state = member_gradient(
+        g, mean_grads, state, params, grad_fn, axes
+      )
+      g_sam = optax.tree.cast_like(axes.after(g_sam), params)
+      new_state = state._replace(
+        perturbation_state=perturbation_state,
+        statistics=axes.after(stats) if statistics else stats,
+        memory=remember(state.memory, axes.after(prepared), g_sam),
+      )
+      return g_sam, new_state
+
+    if when is None:
+      return finish(*sam_gradient(state), params, extra)
+    mean_grads = axes.mean(grads)
+    is_sam, state = decide(mean_grads, state)
+    plain = lambda state: plain_gradient(grads, mean_grads, state, params, axes)
+    return conditional_step(is_sam, sam_gradient, plain, state, params, extra)
+
+  def vmap_route(batches, state, params, extra):
+    """Micro-batches as members of a named vmap axis: the per-device code path, per group."""
+    axes = _Axes(_with_group_axis(axis_name), local=True)
+
+    def group_step(group):
+      grads = batches.grad_fn(params, group)
+      grad_fn = lambda p: batches.grad_fn(p, group)
+      return one_call_step(grads, state, params, grad_fn, extra, axes)
+
+    step = jax.vmap(group_step, axis_name=micro_batches_lib.GROUP_AXIS, out_axes=None)
+    return step(batches.groups)
+
+  def scan_route(batches, state, params, extra):
+    """Micro-batches one after another: sums over the groups in a ``lax.scan`` carry."""
+    if when is not None and when.reads_gradient:
+      raise ValueError(
+        "micro_batches(route='scan') decides SAM or plain before any gradient is known, so its "
+        'when= policy must not read the gradient (every, after and randomly do not; ae_sam '
+        "does). Use route='vmap' with this policy."
+      )
+    num_groups = jax.tree.leaves(batches.groups)[0].shape[0]
+    keep_prepared = correction.remember is not None
+
+    def clean_gradient(group):
+      return widen(batches.grad_fn(params, group), params)
+
+    def group_terms(group):
+      """A group's clean gradient and its SAM terms (F-SAM's ``e`` needs only the group's own)."""
+      g = clean_gradient(group)
+      grad_fn = lambda p: batches.grad_fn(p, group)
+      g_sam, prepared, stats, _ = member_gradient(g, g, state, params, grad_fn, _Axes(None, True))
+      return g, g_sam, prepared if keep_prepared else optax.EmptyState(), stats
+
+    def averaged(terms_of_group):
+      """The mean over the groups (then over the devices) of a group's terms, by a scan."""
+      shapes = jax.eval_shape(terms_of_group, micro_batches_lib.one_group_shape(batches.groups))
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+      def body(total, group):
+        return jax.tree.map(jnp.add, total, terms_of_group(group)), None
+
+      total, _ = jax.lax.scan(body, zeros, batches.groups)
+      return _average(jax.tree.map(lambda t: t / num_groups, total), axis_name)
+
+    def advanced(state, mean_grads):
+      """The perturbation's state after a step whose averaged clean gradient is ``mean_grads``."""
+      _, _, perturbation_state = perturb(
+        mean_grads, state.perturbation_state, widen(params, params), _Axes(None, False), mean_grads
+      )
+      return perturbation_state
+
+    def sam_gradient(state):
+      mean_grads, g_sam, prepared, stats = averaged(group_terms)
+      g_sam = optax.tree.cast_like(g_sam, params)
+      new_state = state._replace(
+        perturbation_state=advanced(state, mean_grads),
+        statistics=stats,
+        memory=remember(state.memory, prepared, g_sam),
+      )
+      return g_sam, new_state
+
+    if when is None:
+      return finish(*sam_gradient(state), params, extra)
+    is_sam, state = decide(None, state)
+
+    def plain(state):
+      mean_grads = averaged(clean_gradient)
+      return plain_gradient(mean_grads, mean_grads, state, params, _Axes(None, False))
+
+    return conditional_step(is_sam, sam_gradient, plain, state, params, extra)
+
   def one_call_update(grads, state, params=None, *, grad_fn: Optional[GradFn] = None, **extra):
     if params is None:
       raise ValueError(
@@ -282,63 +449,32 @@ def sharpness_aware(
         'jax.grad(loss_fn)(p, batch)), which returns the gradient at the weights it is '
         'given. For loops that cannot pass it, build the optimizer with two_phase=True.'
       )
-    # For narrow params the perturbed pass sees float32 w + e (a transient copy).
-    wide = (lambda t: t) if perturb_in_param_dtype else (lambda t: _widened(t, params))
-
-    def sam_gradient(state):
-      """The SAM gradient and the state after it, all but the base optimizer's update."""
-      g, e, perturbation_state = perturb(wide(grads), state.perturbation_state, wide(params))
-      perturbed = optax.apply_updates(wide(params), e)
-      stats = state.statistics
-      if statistics:
-        stats = statistics_lib.before_perturbed_pass(
-          g, e, params, perturbed, state.perturbation_state
-        )
-      g_adv = grad_fn(perturbed)
-      _check_grad_fn_output(g_adv, grads)
-      g_adv = _average(g_adv, reduce_first)
-      if statistics:
-        stats = _average(statistics_lib.after_perturbed_pass(stats, g, g_adv), reduce_last)
-      prepared = correction.prepare(g, wide(params))
-      g_sam = correction.apply(prepared, g_adv, perturbed)
-      g_sam = optax.tree.cast_like(_average(g_sam, reduce_last), grads)
-      new_state = state._replace(
-        perturbation_state=perturbation_state,
-        statistics=stats,
-        memory=remember(state.memory, prepared, g_sam),
-      )
-      return g_sam, new_state
-
-    def finish(g, state):
-      updates, base_state = base_optimizer.update(g, state.base_state, params, **extra)
-      return optax.tree.cast_like(updates, params), state._replace(base_state=base_state)
-
-    if when is None:
-      return finish(*sam_gradient(state))
-    mean_grads = _average(grads, axis_name)
-    is_sam, state = decide(mean_grads, state)
-    # The conditional returns only the gradient for the base optimizer and the small states: the
-    # base update runs once, after it, so that its outputs can reuse the donated buffers.
-    base_state = state.base_state
-    plain = lambda state: plain_gradient(grads, mean_grads, state, params)
-    g, state = jax.lax.cond(is_sam, sam_gradient, plain, state._replace(base_state=None))
-    return finish(g, state._replace(base_state=base_state))
+    if isinstance(grad_fn, micro_batches_lib.MicroBatches):
+      route = vmap_route if grad_fn.route == 'vmap' else scan_route
+      return route(grad_fn, state, params, extra)
+    return one_call_step(grads, state, params, grad_fn, extra, device_axes)
 
   def two_phase_update(grads, state, params=None, **extra):
     if params is None:
       raise ValueError('SAM needs the current params: call update(grads, state, params).')
-    extra.pop('grad_fn', None)
+    if isinstance(extra.pop('grad_fn', None), micro_batches_lib.MicroBatches):
+      raise ValueError(
+        'micro_batches needs one-call mode: build the optimizer without two_phase=True (a '
+        'two-phase step sees one gradient per call, not the groups).'
+      )
 
     def ascent_call(operands):
       grads, mean_grads, state, params = operands
-      g, e, perturbation_state = perturb(grads, state.perturbation_state, params, mean_grads)
+      g, e, perturbation_state = perturb(
+        grads, state.perturbation_state, params, device_axes, mean_grads
+      )
       stats = state.statistics
       if statistics:
         # The weights will hold w + e in their own dtype: measured here, from e.
         values = statistics_lib.before_perturbed_pass(
           g, e, params, optax.apply_updates(params, e), state.perturbation_state
         )
-        values = _average(values, reduce_last)
+        values = device_axes.after(values)
         stats = statistics_lib.TwoPhaseStatistics(values, optax.tree.cast_like(g, params))
       new_state = state._replace(
         phase=jnp.ones_like(state.phase),
@@ -351,12 +487,12 @@ def sharpness_aware(
 
     def descent_call(operands):
       g_adv, state, params = operands
-      g_adv = _average(g_adv, reduce_first)
+      g_adv = device_axes.before(g_adv)
       stats = state.statistics
       if statistics:
         values = statistics_lib.after_perturbed_pass(stats.values, stats.clean_grads, g_adv)
-        stats = stats._replace(values=_average(values, reduce_last))
-      g_sam = _average(correction.apply(state.prepared, g_adv, params), reduce_last)
+        stats = stats._replace(values=device_axes.after(values))
+      g_sam = device_axes.after(correction.apply(state.prepared, g_adv, params))
       base_updates, base_state = base_optimizer.update(
         g_sam, state.base_state, state.clean_params, **extra
       )
@@ -366,14 +502,14 @@ def sharpness_aware(
         phase=jnp.zeros_like(state.phase),
         base_state=base_state,
         statistics=stats,
-        memory=remember(state.memory, state.prepared, g_sam),
+        memory=remember(state.memory, device_axes.after(state.prepared), g_sam),
       )
       return updates, new_state
 
     def clean_call(operands):
       """A call at the clean weights: the ascent, or (``when`` says so) a whole plain step."""
       grads, state, params = operands
-      mean_grads = _average(grads, axis_name)
+      mean_grads = device_axes.mean(grads)
       is_sam, state = decide(mean_grads, state)
       if when is None:
         return ascent_call((grads, mean_grads, state, params))
