@@ -1,0 +1,171 @@
+"""Cost of m-sharpness groups and of gradient accumulation against one SAM step on the same batch.
+
+Run from the repository root::
+
+  python -m benchmarks.micro_batches             # MLP and 1-D CNN at batch 128
+  python -m benchmarks.micro_batches --quick     # tiny models, a few rounds (checks the script)
+
+Cases, all SAM (``optax_sam.sam`` on SGD with momentum) on the same batch:
+
+* ``sam``: the ordinary one-call step on the whole batch (the reference);
+* ``m=8/scan``, ``m=8/vmap``, ``m=32/scan``, ``m=32/vmap``: ``micro_batches`` with
+  groups of 8 and 32 examples on each route;
+* ``accumulate/4``: ``accumulated_grad_fn`` over 4 micro-batches for both gradients (one
+  perturbation for the whole batch: the same algorithm as ``sam``).
+
+The grouped steps compute no loss (their clean gradients are the step's own), the others get it
+from ``value_and_grad``. Each case is compiled once with donated arguments and timed in
+interleaved rounds as in :mod:`benchmarks.run`; the table gives the median ratio of each case's
+time per step to ``sam``'s, with a bootstrap 95% interval, and the compiled temporaries
+(``memory_analysis()``). Writes ``micro_batches.json`` and ``micro_batches.md`` into ``--out``.
+"""
+
+import argparse
+import gc
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_sam
+from benchmarks import cases as cases_lib
+from benchmarks import models, run
+
+GROUP_SIZES = (8, 32)
+MICRO_BATCHES = 4
+
+
+def _grouped_step(model: models.Model, tx, group_size: int, route: str):
+  def step(params, opt_state, model_state, batch):
+    grad = jax.grad(lambda p, b: model.loss(p, model_state, b)[0])
+    groups = optax_sam.micro_batches(grad, batch, group_size, route=route)
+    updates, opt_state = tx.update(None, opt_state, params, grad_fn=groups)
+    return optax.apply_updates(params, updates), opt_state, model_state, jnp.zeros([])
+
+  return step
+
+
+def _accumulated_step(model: models.Model, tx, count: int):
+  def step(params, opt_state, model_state, batch):
+    grad = jax.grad(lambda p, b: model.loss(p, model_state, b)[0])
+    acc = optax_sam.accumulated_grad_fn(grad, batch, len(batch[1]) // count)
+    updates, opt_state = tx.update(acc(params), opt_state, params, grad_fn=acc)
+    return optax.apply_updates(params, updates), opt_state, model_state, jnp.zeros([])
+
+  return step
+
+
+def build(model: models.Model, group_sizes=GROUP_SIZES) -> list:
+  """The cases above, as :class:`benchmarks.cases.Case` s."""
+  tx = optax_sam.sam(cases_lib.base_optimizer(), rho=cases_lib.RHO)
+  case = lambda name, step: cases_lib.Case(
+    name, 'optax_sam', 'sam', '1call', 1, tx.init, step, None
+  )
+  cases = [case('sam', cases_lib._one_call_step(model, tx, False))]
+  for m in group_sizes:
+    for route in ('scan', 'vmap'):
+      cases.append(case(f'm={m}/{route}', _grouped_step(model, tx, m, route)))
+  cases.append(case(f'accumulate/{MICRO_BATCHES}', _accumulated_step(model, tx, MICRO_BATCHES)))
+  return cases
+
+
+def measure(
+  model: models.Model, settings: run.Settings, group_sizes=GROUP_SIZES, log=print
+) -> dict:
+  params, model_state = model.init(jax.random.key(0))
+  batch = model.batch(jax.random.key(1))
+  runners = [
+    run.Runner(c, params, model_state, batch, settings.compiler_options)
+    for c in build(model, group_sizes)
+  ]
+  log(f'\n== {model.name}: {model.description}, batch {model.batch_size}')
+  estimate = {}
+  for r in runners:
+    r.run(settings.warmup_steps)
+    estimate[r.case.name] = r.run(1)
+  steps = max(1, round(settings.measure_s / estimate['sam']))
+  round_s = steps * sum(estimate.values())
+  rounds = int(np.clip(settings.budget_s // max(round_s, 1e-9), settings.min_rounds, 101))
+  log(f'  timing: {rounds} rounds x {steps} steps per case (~{round_s:.2f} s per round)')
+  times = {r.case.name: [] for r in runners}
+  gc.collect()
+  gc.disable()
+  try:
+    for i in range(rounds):
+      order = runners[i % len(runners) :] + runners[: i % len(runners)]
+      for r in order[::-1] if i % 2 else order:
+        times[r.case.name].append(r.run(steps))
+      if (i + 1) % 10 == 0:
+        log(f'  round {i + 1}/{rounds}')
+  finally:
+    gc.enable()
+  sam_t = np.asarray(times['sam'])
+  cases = {}
+  for r in runners:
+    t = np.asarray(times[r.case.name])
+    ratios = t / sam_t
+    low, high = run._bootstrap_ci(ratios)
+    cases[r.case.name] = dict(
+      time_ms=float(np.median(t) * 1e3),
+      ratio_vs_sam=float(np.median(ratios)),
+      ci95=[low, high],
+      temp_bytes=r.memory['temp'],
+      compile_s=r.compile_s,
+    )
+  return dict(
+    name=model.name,
+    description=model.description,
+    batch_size=model.batch_size,
+    rounds=rounds,
+    steps=steps,
+    cases=cases,
+  )
+
+
+def markdown(results: list) -> str:
+  out = []
+  for m in results:
+    out.append(
+      f'**{m["name"]}** ({m["description"]}, batch {m["batch_size"]}; '
+      f'{m["rounds"]} rounds of {m["steps"]} steps)\n'
+    )
+    out.append('| case | time / step (ms) | vs sam (95% CI) | temporaries (bytes) | vs sam |')
+    out.append('|---|---|---|---|---|')
+    sam_temp = m['cases']['sam']['temp_bytes']
+    for name, c in m['cases'].items():
+      out.append(
+        f'| {name} | {c["time_ms"]:.3f} | {c["ratio_vs_sam"]:.3f} '
+        f'({c["ci95"][0]:.3f}-{c["ci95"][1]:.3f}) | {c["temp_bytes"]:,} '
+        f'| {c["temp_bytes"] / sam_temp:.2f}x |'
+      )
+    out.append('')
+  return '\n'.join(out)
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--quick', action='store_true')
+  parser.add_argument('--models', default='mlp,cnn')
+  parser.add_argument('--out', default='benchmarks/results/micro-batches-cpu')
+  args = parser.parse_args(argv)
+  settings = run.QUICK if args.quick else run.FULL
+  specs = run.model_specs(args.quick, resnet_batch=128)
+  group_sizes = (2, 4) if args.quick else GROUP_SIZES  # quick models have batch 8
+  results = [measure(specs[name][0], settings, group_sizes) for name in args.models.split(',')]
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  env = run.environment(argv or [], '')
+  (out / 'micro_batches.json').write_text(
+    json.dumps(dict(environment=env, models=results), indent=1)
+  )
+  text = markdown(results)
+  (out / 'micro_batches.md').write_text(text)
+  print(text)
+  return dict(models=results)
+
+
+if __name__ == '__main__':
+  main()
