@@ -11,7 +11,8 @@ cosine learning rate from 0.05; first-stage width 16 and 8 epochs by
 default, to fit the study in CPU minutes) on MNIST-1D with 0% and 20% label noise, for
 the same seeds: a seed fixes the initialization, the batch order, dropout and
 the noisy labels, so each variant's run is paired with SGD's and SAM's. Test
-accuracy is measured at the clean weights (Momentum-SAM's ``w``). For each
+accuracy is measured at the clean weights (Momentum-SAM's ``w``); one run is
+:func:`benchmarks.paired.run_one`. For each
 variant and noise level the script reports the test accuracy's mean and
 standard deviation over seeds, the share of SAM's gain over SGD it keeps,
 ``(acc - acc_SGD) / (acc_SAM - acc_SGD)``, as a ratio of the means and as the
@@ -33,8 +34,8 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
+from benchmarks import paired
 from optax_sam.examples import config as config_lib
 from optax_sam.examples import data as data_lib
 from optax_sam.examples import train
@@ -53,29 +54,6 @@ VARIANTS = {
 }
 
 
-def run_one(config: config_lib.Config, dataset: data_lib.Dataset) -> dict:
-  """Trains one run; returns its test accuracy (clean weights) and seconds per step."""
-  steps_per_epoch = len(dataset.y_train) // config.batch_size
-  model = train.create_model(config, dataset)
-  schedule_steps = steps_per_epoch if train._needs_run_length(config) else 1
-  tx = train._shared_optimizer(train._optimizer_key(config), schedule_steps)
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  timed, timed_steps = 0.0, 0
-  for epoch in range(config.epochs):
-    began = time.perf_counter()
-    loss = None
-    for x, y in data_lib.train_batches(
-      dataset.x_train, dataset.y_train, config.batch_size, config.seed, epoch
-    ):
-      loss = train.train_step(model, optimizer, x, y)[0]
-    jax.block_until_ready(loss)
-    if epoch > 0 or config.epochs == 1:
-      timed += time.perf_counter() - began
-      timed_steps += steps_per_epoch
-  _, accuracy = train.evaluate(train.clean_model(model, optimizer), dataset.x_test, dataset.y_test)
-  return dict(test_accuracy=accuracy, seconds_per_step=timed / timed_steps)
-
-
 def study(seeds, noises, epochs, variants, base: config_lib.Config, log=print) -> list:
   runs = []
   for noise in noises:
@@ -85,7 +63,7 @@ def study(seeds, noises, epochs, variants, base: config_lib.Config, log=print) -
       for name in variants:
         fields, _ = VARIANTS[name]
         config = dataclasses.replace(base_run, **fields).validate()
-        result = run_one(config, dataset)
+        result = paired.run_one(config, dataset)
         runs.append(dict(variant=name, seed=seed, label_noise=noise, **result))
         log(
           f'noise {noise:.1f} seed {seed} {name:<22} test acc {result["test_accuracy"]:.4f} '
@@ -107,8 +85,7 @@ def summarize(runs: list, variants, steps: int) -> dict:
     rows = {}
     for v in variants:
       row = dict(
-        mean=float(acc[v].mean()),
-        std=float(acc[v].std(ddof=1)) if len(seeds) > 1 else 0.0,
+        **{k: paired.mean_std(acc[v])[k] for k in ('mean', 'std')},
         second_gradients=VARIANTS[v][1](steps),
         time_vs_sgd=float(np.median(secs[v] / secs['sgd'])) if 'sgd' in acc else None,
       )
