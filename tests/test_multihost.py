@@ -35,6 +35,10 @@ def _worker(i: int, port: int, out: pathlib.Path) -> list:
 def _run_job(tmp_path: pathlib.Path, command=_worker, processes=2, timeout=TIMEOUT_S) -> list:
   """Runs ``processes`` processes as one job; returns their JSON summaries.
 
+  ``command(i, port, out)`` is process ``i``'s command line; a process may write a
+  JSON summary to ``out`` (``None`` in the list where it wrote none). Each
+  process's output stays in ``tmp_path / f'process{i}.log'``.
+
   Fails the test with every process's output if one exits non-zero or any is
   still running after ``timeout`` seconds (then all are killed).
   """
@@ -73,7 +77,8 @@ def _run_job(tmp_path: pathlib.Path, command=_worker, processes=2, timeout=TIMEO
   )
   if any(p.returncode != 0 for p in procs):
     pytest.fail(f'a process failed, died or hung ({timeout} s limit):\n{report}')
-  return [json.loads((tmp_path / f'process{i}.json').read_text()) for i in range(processes)]
+  summaries = [tmp_path / f'process{i}.json' for i in range(processes)]
+  return [json.loads(path.read_text()) if path.exists() else None for path in summaries]
 
 
 def test_every_variant_agrees_across_two_processes(tmp_path):

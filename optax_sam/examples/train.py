@@ -7,7 +7,10 @@ and prints the final test accuracy as its last line. ``--optimizer``,
 them); ``--compare sgd,sam,fsam`` trains several optimizers with the same seed
 and prints a table. Each run writes ``metrics.json``, ``curves.png`` and Orbax
 checkpoints to ``--workdir``; ``--resume`` continues from the last checkpoint
-and reaches the same result as an uninterrupted run.
+and reaches the same result as an uninterrupted run. ``--coordinator``,
+``--num-processes`` and ``--process-id`` (or ``--cluster``) run it on several
+processes, data-parallel over all their devices
+(:mod:`~optax_sam.examples.multiprocess`).
 
 The SAM step is the one ``optax_sam.flax`` is made for::
 
@@ -38,7 +41,7 @@ import optax_sam.flax
 from optax_sam import sharpness
 from optax_sam.examples import config as config_lib
 from optax_sam.examples import data as data_lib
-from optax_sam.examples import models, reporting
+from optax_sam.examples import models, multiprocess, reporting
 
 EVAL_BATCH_SIZE = 500
 # Sharpness is measured on the first SHARPNESS_EXAMPLES training examples, in eval
@@ -234,10 +237,22 @@ def eval_step(
   return jnp.sum(losses * mask), jnp.sum((jnp.argmax(logits, -1) == y) * mask)
 
 
-def evaluate(model: models.ResNet, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-  """Loss and accuracy of ``model`` in inference mode (running statistics, no dropout)."""
+def evaluate(
+  model: models.ResNet,
+  x: np.ndarray,
+  y: np.ndarray,
+  parallel: Optional[multiprocess.DataParallel] = None,
+) -> tuple[float, float]:
+  """Loss and accuracy of ``model`` in inference mode (running statistics, no dropout).
+
+  With ``parallel`` each eval batch is split over the mesh (padded to a multiple of its
+  devices); the sums are global, so every process gets the same numbers.
+  """
   eval_model = nnx.view(model, deterministic=True, use_running_average=True)
-  totals = [eval_step(eval_model, *batch) for batch in data_lib.eval_batches(x, y, EVAL_BATCH_SIZE)]
+  size, place = EVAL_BATCH_SIZE, lambda *batch: batch
+  if parallel is not None:
+    size, place = parallel.padded_size(EVAL_BATCH_SIZE), parallel.batch
+  totals = [eval_step(eval_model, *place(*batch)) for batch in data_lib.eval_batches(x, y, size)]
   loss, correct = np.sum(np.asarray(totals), axis=0)
   return float(loss) / len(y), float(correct) / len(y)
 
@@ -305,8 +320,12 @@ class Checkpoints:
     self.manager.save(epoch, args=args)
     self.manager.wait_until_finished()
 
-  def restore(self, epoch: int, template: Any) -> tuple[Any, dict]:
-    """The state saved at ``epoch``, shaped like ``template``, and its meta."""
+  def restore(self, epoch: int, template: Any, placed: bool = False) -> tuple[Any, dict]:
+    """The state saved at ``epoch``, shaped like ``template``, and its meta.
+
+    ``placed``: keep the arrays as Orbax restores them, with ``template``'s shardings
+    (the multi-process run, whose arrays span the processes' devices).
+    """
     abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, _flat(template))
     args = self._ocp.args.Composite(
       state=self._ocp.args.StandardRestore(abstract), meta=self._ocp.args.JsonRestore()
@@ -314,7 +333,9 @@ class Checkpoints:
     restored = self.manager.restore(epoch, args=args)
     # Orbax returns arrays committed to a device, fresh ones are not: going through the host
     # makes them alike, so the compiled train step is reused instead of compiled again.
-    flat = {k: jnp.asarray(np.asarray(v)) for k, v in restored['state'].items()}
+    flat = restored['state']
+    if not placed:
+      flat = {k: jnp.asarray(np.asarray(v)) for k, v in flat.items()}
     return _unflat(template, flat), restored['meta']
 
   def close(self) -> None:
@@ -386,6 +407,7 @@ def train_and_evaluate(
   resume: bool = False,
   progress: bool = True,
   log: LogFn = print,
+  parallel: Optional[multiprocess.DataParallel] = None,
 ) -> dict:
   """Trains and evaluates one run, writing metrics, the plot and checkpoints to ``workdir``.
 
@@ -396,6 +418,9 @@ def train_and_evaluate(
     resume: continue from the checkpoint in ``workdir`` (up to ``config.epochs``).
     progress: show a tqdm progress bar per epoch.
     log: where the per-epoch lines go.
+    parallel: split every batch over this mesh (every process of a
+      ``jax.distributed`` job calls this function); only process 0 logs and
+      writes the metrics and plots, and all save and restore the checkpoints.
 
   Returns:
     The metrics: ``config``, ``dataset``, ``history`` (one dict per epoch with
@@ -413,6 +438,12 @@ def train_and_evaluate(
   schedule_steps = steps_per_epoch if _needs_run_length(config) else 1
   tx = _shared_optimizer(_optimizer_key(config), schedule_steps)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  writes = parallel is None or parallel.writes
+  if not writes:
+    log, progress = (lambda _: None), False
+  if parallel is not None:  # what the steps carry, on every device of the mesh
+    nnx.update(model, parallel.replicate(nnx.state(model)))
+    nnx.update(optimizer, parallel.replicate(nnx.state(optimizer)))
 
   start = check_resumable(config, workdir, fingerprint) if resume else 0
   workdir.mkdir(parents=True, exist_ok=True)
@@ -420,7 +451,7 @@ def train_and_evaluate(
   history = []
   if resume:
     template = _checkpointed(model, optimizer)
-    state, meta = checkpoints.restore(start, template)
+    state, meta = checkpoints.restore(start, template, placed=parallel is not None)
     nnx.update(model, state['model'])
     nnx.update(optimizer, state['optimizer'])
     if 'held' in state:  # Momentum-SAM: the weights training continues from
@@ -433,6 +464,9 @@ def train_and_evaluate(
     jnp.asarray(dataset.x_train[:SHARPNESS_EXAMPLES]),
     jnp.asarray(dataset.y_train[:SHARPNESS_EXAMPLES]),
   )
+  sharpness_key = jax.random.key(config.seed)
+  if parallel is not None:
+    sharpness_batch, sharpness_key = parallel.replicate((sharpness_batch, sharpness_key))
   metrics = {
     'config': config.to_dict() | {'rho': config.resolved_rho},
     'dataset': {
@@ -457,6 +491,8 @@ def train_and_evaluate(
       )
       losses, corrects, statistics = [], [], []
       for step, (x, y) in enumerate(bar):
+        if parallel is not None:  # this process's rows of the global batch
+          x, y = parallel.batch(x, y)
         loss, correct, stats = train_step(model, optimizer, x, y)
         losses.append(loss)
         corrects.append(correct)
@@ -467,7 +503,7 @@ def train_and_evaluate(
       train_loss = float(jnp.mean(jnp.stack(losses)))
       train_accuracy = float(jnp.sum(jnp.stack(corrects))) / (steps_per_epoch * config.batch_size)
       test_loss, test_accuracy = evaluate(
-        clean_model(model, optimizer), dataset.x_test, dataset.y_test
+        clean_model(model, optimizer), dataset.x_test, dataset.y_test, parallel
       )
       record = dict(
         epoch=epoch + 1,
@@ -486,7 +522,7 @@ def train_and_evaluate(
         measured = measure_sharpness(
           clean_model(model, optimizer),
           *sharpness_batch,
-          jax.random.key(config.seed),
+          sharpness_key,
           SHARPNESS_LANCZOS_STEPS,
         )
         record['sharpness'] = {name: float(v) for name, v in measured.items()}
@@ -511,10 +547,13 @@ def train_and_evaluate(
       }
       checkpoints.save(epoch + 1, state, meta)
       metrics |= {'history': history, 'final': reporting.summary(history)}
-      reporting.write_json(workdir / reporting.METRICS_FILE, metrics)
+      if writes:
+        reporting.write_json(workdir / reporting.METRICS_FILE, metrics)
   finally:
     checkpoints.close()
   metrics |= {'history': history, 'final': reporting.summary(history)}
+  if not writes:
+    return metrics
   reporting.write_json(workdir / reporting.METRICS_FILE, metrics)
   reporting.plot_curves(workdir / reporting.CURVES_FILE, history, title)
   if any('sharpness' in h or 'step_statistics' in h for h in history):
@@ -613,6 +652,27 @@ def build_parser() -> argparse.ArgumentParser:
     '--resume', action='store_true', help='continue from the checkpoint in --workdir'
   )
   parser.add_argument('--no-progress', action='store_true', help='hide the progress bars')
+  job = parser.add_argument_group(
+    'several processes',
+    'one process per host, data-parallel over all their devices (see docs/example.md)',
+  )
+  job.add_argument(
+    '--coordinator', metavar='HOST:PORT', help="process 0's address, the same on every process"
+  )
+  job.add_argument('--num-processes', type=integer, metavar='N', help='processes of the job')
+  job.add_argument('--process-id', type=integer, metavar='I', help='this process, 0 to N - 1')
+  job.add_argument(
+    '--cluster',
+    action='store_true',
+    help='take the three from the environment (TPU pod, SLURM, Open MPI): '
+    'jax.distributed.initialize() with no arguments',
+  )
+  job.add_argument(
+    '--cpu-devices',
+    type=integer,
+    metavar='K',
+    help='run on K (fake) CPU devices per process, gloo collectives between processes',
+  )
   return parser
 
 
@@ -625,6 +685,7 @@ class Plan:
   compare: bool
   resume: bool
   progress: bool
+  processes: multiprocess.Processes = multiprocess.Processes()
 
 
 def make_plan(argv: Optional[Sequence[str]] = None) -> Plan:
@@ -654,7 +715,10 @@ def make_plan(argv: Optional[Sequence[str]] = None) -> Plan:
     workdir = pathlib.Path(args.workdir or f'runs/{config.dataset}-{config.optimizer}')
     runs = ((config, workdir),)
   check_writable(workdir)
-  return Plan(runs, workdir, args.compare is not None, args.resume, not args.no_progress)
+  processes = multiprocess.Processes(
+    args.coordinator, args.num_processes, args.process_id, args.cluster, args.cpu_devices
+  ).validate()
+  return Plan(runs, workdir, args.compare is not None, args.resume, not args.no_progress, processes)
 
 
 def check_writable(workdir: pathlib.Path) -> None:
@@ -684,18 +748,33 @@ def _clear_previous_run(workdir: pathlib.Path) -> None:
     (workdir / name).unlink(missing_ok=True)
 
 
-def run(plan: Plan, log: LogFn = print) -> dict[str, dict]:
+def run(
+  plan: Plan, log: LogFn = print, parallel: Optional[multiprocess.DataParallel] = None
+) -> dict[str, dict]:
   """Loads the data, checks resumability, then trains every run of ``plan``.
+
+  Args:
+    plan: the validated command.
+    log: where the lines go (process 0's only, with ``parallel``).
+    parallel: the mesh of :func:`optax_sam.examples.multiprocess.start`, or ``None``.
 
   Returns:
     The metrics of each run, by optimizer name.
   """
+  writes = parallel is None or parallel.writes
+  if not writes:
+    log = lambda _: None
   dataset = load_dataset(plan.runs[0][0])
   for config, _ in plan.runs:
     if len(dataset.y_train) < config.batch_size:
       raise config_lib.ConfigError(
         f'--batch-size must be at most the {len(dataset.y_train)} training examples of '
         f'{dataset.name}, got {config.batch_size}'
+      )
+    if parallel is not None and config.batch_size % parallel.num_devices:
+      raise config_lib.ConfigError(
+        f'--batch-size must be a multiple of the {parallel.num_devices} devices of all '
+        f'processes, got {config.batch_size}'
       )
   fingerprint = data_lib.fingerprint(dataset)
   if plan.resume:
@@ -708,13 +787,23 @@ def run(plan: Plan, log: LogFn = print) -> dict[str, dict]:
 
   results = {}
   for config, workdir in plan.runs:
-    if not plan.resume:
+    if not plan.resume and writes:
       _clear_previous_run(workdir)
+    if parallel is not None:  # the others wait until process 0 has cleared the folder
+      parallel.barrier(f'optax_sam.examples.train: {workdir} cleared')
     if plan.compare:
       log(f'--- {config.optimizer} (rho={config.resolved_rho:g})')
     results[config.optimizer] = train_and_evaluate(
-      config, workdir, dataset=dataset, resume=plan.resume, progress=plan.progress, log=log
+      config,
+      workdir,
+      dataset=dataset,
+      resume=plan.resume,
+      progress=plan.progress,
+      log=log,
+      parallel=parallel,
     )
+  if not writes:
+    return results
   if plan.compare:
     finals = {name: m['final'] for name, m in results.items()}
     reporting.write_json(plan.workdir / reporting.COMPARISON_FILE, finals)
@@ -739,7 +828,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   """
   try:
     plan = make_plan(argv)
-    run(plan, log=lambda line: print(line, flush=True))
+    parallel = multiprocess.start(plan.processes)
+    if parallel is not None:
+      print(parallel.describe(), flush=True)
+    run(plan, log=lambda line: print(line, flush=True), parallel=parallel)
   except (config_lib.ConfigError, data_lib.DataError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 2
