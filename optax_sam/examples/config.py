@@ -12,6 +12,12 @@ steps, default 5, its direction reused in between) and ``msam`` (Momentum-SAM:
 one gradient per step). ``--sam-every K`` or ``--sam-after F`` (a fraction of
 the run) make any other SAM variant take its second gradient on some steps
 only.
+
+``--m-sharpness M`` perturbs each group of ``M`` examples of a batch with its
+own gradient (m-sharpness, the same on any number of devices), and
+``--accumulate K`` computes both gradients of the step over ``K``
+micro-batches (one perturbation for the whole batch); see
+:func:`optax_sam.micro_batches` and :func:`optax_sam.accumulated_grad_fn`.
 """
 
 import dataclasses
@@ -23,6 +29,7 @@ from optax_sam.examples import data
 SINGLE_OPTIMIZERS = ('sgd', 'sam', 'usam', 'asam', 'fsam', 'stablesam', 'gsam', 'looksam', 'msam')
 COMBINABLE = ('sam', 'usam', 'asam', 'fsam', 'stable')
 LR_SCHEDULES = ('cosine', 'constant')
+GROUP_ROUTES = ('vmap', 'scan')
 OPTIMIZER_CHOICES = (
   'sgd, sam, usam, asam, fsam, stablesam, gsam, looksam, msam, or SAM variants joined by + '
   '(parts sam, usam, asam, fsam, stable; e.g. fsam+stable, asam+stable, usam+stable, fsam+asam)'
@@ -159,6 +166,15 @@ class Config:
     data_dir: dataset cache folder (see :func:`optax_sam.examples.data.load`).
     sharpness_every: measure the top Hessian eigenvalue and the SAM sharpness
       every this many epochs (and after the last one); 0: never.
+    m_sharpness: perturb each group of this many examples of a batch with its
+      own gradient (:func:`optax_sam.micro_batches`); must divide
+      ``batch_size``.
+    accumulate: compute both gradients of a step over this many micro-batches,
+      one perturbation for the whole batch
+      (:func:`optax_sam.accumulated_grad_fn`); must divide ``batch_size``.
+    group_route: how ``m_sharpness`` runs its groups, ``vmap`` (side by side;
+      the faster one for this CNN on CPU) or ``scan`` (one after another;
+      memory independent of the number of groups).
   """
 
   optimizer: str = 'sam'
@@ -184,6 +200,9 @@ class Config:
   num_samples: Optional[int] = None
   data_dir: Optional[str] = None
   sharpness_every: int = 0
+  m_sharpness: Optional[int] = None
+  accumulate: Optional[int] = None
+  group_route: str = 'vmap'
 
   @property
   def spec(self) -> OptimizerSpec:
@@ -241,6 +260,7 @@ class Config:
     _check_int('width', self.width, 1)
     _check_int('sharpness_every', self.sharpness_every, 0)
     _check_int('num_samples', self.num_samples, 20, optional=True)
+    _check_micro_batches(self, spec)
     if self.num_samples is not None and self.dataset != 'mnist1d':
       raise ConfigError(f'--num-samples applies to mnist1d only, not to {self.dataset}')
     return dataclasses.replace(self, optimizer=spec.name)
@@ -248,6 +268,31 @@ class Config:
   def to_dict(self) -> dict[str, Any]:
     """The options as a JSON-ready dictionary."""
     return dataclasses.asdict(self)
+
+
+def _check_micro_batches(config: Config, spec: OptimizerSpec) -> None:
+  _check_int('m_sharpness', config.m_sharpness, 1, optional=True)
+  _check_int('accumulate', config.accumulate, 1, optional=True)
+  if config.group_route not in GROUP_ROUTES:
+    raise ConfigError(
+      f'unknown group route {config.group_route!r}; choose from {", ".join(GROUP_ROUTES)}'
+    )
+  if config.m_sharpness is not None and config.accumulate is not None:
+    raise ConfigError(
+      '--m-sharpness and --accumulate are exclusive: accumulation with one perturbation per '
+      'micro-batch is --m-sharpness BATCH_SIZE/K --group-route scan'
+    )
+  for name, value in (('m_sharpness', config.m_sharpness), ('accumulate', config.accumulate)):
+    if value is not None and config.batch_size % value:
+      raise ConfigError(
+        f'--{name.replace("_", "-")} must divide --batch-size {config.batch_size}, got {value}'
+      )
+  if config.m_sharpness is not None and (not spec.sam or spec.momentum):
+    raise ConfigError(
+      f'--m-sharpness perturbs groups for the second gradient; {spec.name} takes none'
+    )
+  if config.group_route != 'vmap' and config.m_sharpness is None:
+    raise ConfigError('--group-route applies to --m-sharpness only')
 
 
 def _check(name, value, low=None, high=None, low_open=False, high_open=False, optional=False):

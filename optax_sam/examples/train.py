@@ -205,6 +205,77 @@ def train_step(
   return loss, jnp.sum(jnp.argmax(logits, -1) == y), _step_statistics(optimizer)
 
 
+def _group_loss(model: models.ResNet) -> Callable[[Any, tuple], jax.Array]:
+  """``loss(params, (x, y, group))`` on a copy of ``model`` rebuilt from the state it holds now.
+
+  Call it before the step's own forward pass: every group then starts from the
+  same state and leaves the model alone. Each group draws its own dropout masks
+  (its index, ``group[0]``, is folded into every RNG key); a group's train-mode
+  BatchNorm normalizes with the group's statistics.
+  """
+  graphdef, keys, rest = nnx.split(model, nnx.RngKey, ...)
+  keys, rest = nnx.as_pure(keys), nnx.as_pure(rest)
+
+  def loss(params, batch):
+    x, y, group = batch
+    copy = nnx.merge(graphdef, jax.tree.map(lambda k: jax.random.fold_in(k, group[0]), keys), rest)
+    nnx.update(copy, params)
+    return loss_fn(copy, x, y)[0]
+
+  return loss
+
+
+def _as_grads(model: models.ResNet, grads: Any) -> nnx.State:
+  """A pure gradient tree as the ``nnx.State`` of ``nnx.Param`` that ``optimizer.update`` takes."""
+  variables = nnx.state(model, nnx.Param)
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  return jax.tree.map(lambda v, g: v.replace(g), variables, grads, is_leaf=is_variable)
+
+
+@functools.partial(nnx.jit, static_argnames=('size', 'accumulate', 'route'))
+def micro_batch_train_step(
+  model: models.ResNet,
+  optimizer: nnx.Optimizer,
+  x: jax.Array,
+  y: jax.Array,
+  size: int,
+  accumulate: bool,
+  route: str = 'scan',
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """One SAM step over micro-batches of ``size`` examples; returns what :func:`train_step` does.
+
+  With ``accumulate`` both gradients are averaged over the micro-batches and the
+  whole batch is perturbed once (:func:`optax_sam.accumulated_grad_fn`);
+  otherwise each micro-batch is perturbed with its own gradient, m-sharpness
+  with ``m = size`` (:func:`optax_sam.micro_batches`, by ``route``). The loss,
+  the accuracy and the BatchNorm running statistics come from one more
+  forward pass over the whole batch, without a gradient.
+  """
+  grad = jax.grad(_group_loss(model))
+  batch = (x, y, jnp.arange(x.shape[0]) // size)
+  loss, logits = loss_fn(model, x, y)
+  if accumulate:
+    grad_fn = optax_sam.accumulated_grad_fn(grad, batch, size)
+    grads = grad_fn(nnx.as_pure(nnx.state(model, nnx.Param)))
+  else:  # the step takes each group's clean gradient itself: the gradient argument is unused
+    grad_fn = optax_sam.micro_batches(grad, batch, size, route=route)
+    grads = jax.tree.map(jnp.zeros_like, nnx.as_pure(nnx.state(model, nnx.Param)))
+  optimizer.update(model, _as_grads(model, grads), grad_fn=grad_fn)
+  return loss, jnp.sum(jnp.argmax(logits, -1) == y), _step_statistics(optimizer)
+
+
+def _train_step(config: config_lib.Config) -> Callable[..., Any]:
+  """The step ``config`` asks for: :func:`train_step` or a :func:`micro_batch_train_step`."""
+  if config.m_sharpness is not None:
+    return functools.partial(
+      micro_batch_train_step, size=config.m_sharpness, accumulate=False, route=config.group_route
+    )
+  if config.accumulate is not None:
+    size = config.batch_size // config.accumulate
+    return functools.partial(micro_batch_train_step, size=size, accumulate=True)
+  return train_step
+
+
 @functools.partial(nnx.jit, static_argnames='num_steps')
 def measure_sharpness(
   model: models.ResNet, x: jax.Array, y: jax.Array, key: jax.Array, num_steps: int
@@ -449,6 +520,7 @@ def train_and_evaluate(
   workdir.mkdir(parents=True, exist_ok=True)
   checkpoints = Checkpoints(workdir / CHECKPOINT_DIR)
   history = []
+  step_fn = _train_step(config)
   if resume:
     template = _checkpointed(model, optimizer)
     state, meta = checkpoints.restore(start, template, placed=parallel is not None)
@@ -493,7 +565,7 @@ def train_and_evaluate(
       for step, (x, y) in enumerate(bar):
         if parallel is not None:  # this process's rows of the global batch
           x, y = parallel.batch(x, y)
-        loss, correct, stats = train_step(model, optimizer, x, y)
+        loss, correct, stats = step_fn(model, optimizer, x, y)
         losses.append(loss)
         corrects.append(correct)
         statistics.append(stats)
@@ -646,6 +718,23 @@ def build_parser() -> argparse.ArgumentParser:
     metavar='N',
     help='every N epochs, measure the top Hessian eigenvalue and the SAM sharpness on a fixed '
     f'batch of {SHARPNESS_EXAMPLES} training examples (default: 0, never)',
+  )
+  flag(
+    'm-sharpness',
+    type=integer,
+    metavar='M',
+    help='perturb each group of M examples of a batch with its own gradient (m-sharpness)',
+  )
+  flag(
+    'accumulate',
+    type=integer,
+    metavar='K',
+    help='compute both gradients over K micro-batches, one perturbation for the whole batch',
+  )
+  flag(
+    'group-route',
+    help=f'how --m-sharpness runs its groups: {", ".join(config_lib.GROUP_ROUTES)} '
+    '(default: %(default)s)',
   )
   parser.add_argument('--workdir', help='output folder (default: runs/<dataset>-<optimizer>)')
   parser.add_argument(
