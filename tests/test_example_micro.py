@@ -147,3 +147,37 @@ def test_bad_micro_batch_flags_are_one_line_errors(tmp_path, capsys, argv, messa
   err = capsys.readouterr().err
   assert err.startswith('error: ') and err.count('\n') == 1 and message in err
   assert not (tmp_path / 'x').exists()
+
+
+def test_every_documented_command_parses():
+  """The commands of docs/example.md's code blocks (not its list of bad input) are valid."""
+  import pathlib
+  import shlex
+
+  lines = (pathlib.Path(__file__).parents[1] / 'docs' / 'example.md').read_text().splitlines()
+  prefix, in_block, commands = 'python -m optax_sam.examples.train', False, []
+  for line in lines:
+    in_block ^= line.startswith('```')
+    if in_block and line.startswith(prefix):
+      commands.append(line.split('#')[0].rstrip(' &'))
+  assert len(commands) >= 8 and any('--m-sharpness' in c for c in commands)
+  for command in commands:
+    train.make_plan(shlex.split(command)[len(prefix.split()) :])
+
+
+def test_documented_errors_are_the_ones_printed(tmp_path, capsys):
+  """docs/example.md's "Bad input" lines are what the example prints (not the machine-specific)."""
+  import pathlib
+  import shlex
+
+  lines = (pathlib.Path(__file__).parents[1] / 'docs' / 'example.md').read_text().splitlines()
+  pairs = [
+    (command[len('$ python -m optax_sam.examples.train ') :], error)
+    for command, error in zip(lines, lines[1:], strict=False)
+    if command.startswith('$ python -m optax_sam.examples.train') and error.startswith('error: ')
+  ]
+  portable = [(c, e) for c, e in pairs if '--workdir' not in c and 'cifar10' not in c]
+  assert len(portable) >= 3
+  for command, error in portable:
+    assert train.main([*shlex.split(command), f'--workdir={tmp_path / "x"}']) == 2
+    assert capsys.readouterr().err.strip() == error
