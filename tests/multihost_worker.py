@@ -5,11 +5,14 @@ collectives), each with 4 fake CPU devices, so the mesh of
 tests/test_distributed.py (8 devices) spans both processes. Every variant of
 that file runs in one-call and two-phase mode with global perturbation
 (sharded ``jit``: a sharded batch, replicated params) and with
-``local_perturbation=True`` (``shard_map`` over the 8 devices). Each result is
-checked against the file's NumPy reference (single-device SAM on the whole
-batch, or the per-device computation) and, gathered across processes,
-against the other process's. Writes a JSON summary to OUT and exits 0 only if
-every check passed.
+``local_perturbation=True`` (``shard_map`` over the 8 devices), and every
+variant takes m-sharpness steps through :func:`optax_sam.micro_batches` (both
+routes; groups of 2 examples made inside a sharded ``jit``, and per device
+under ``shard_map`` with the gradients averaged over both processes). Each
+result is checked against the file's NumPy reference (single-device SAM on
+the whole batch, or the per-device computation, which is m-sharpness with
+m = 2) and, gathered across processes, against the other process's. Writes
+a JSON summary to OUT and exits 0 only if every check passed.
 """
 
 import json
@@ -42,6 +45,7 @@ def _checks() -> dict:
   from jax.sharding import PartitionSpec as P
 
   from tests import test_distributed as td
+  from tests import test_micro_batches as tm
 
   assert jax.process_count() == PROCESSES and jax.device_count() == td.N
 
@@ -73,7 +77,39 @@ def _checks() -> dict:
     params, stacked, _ = td._run_shard_map(name, False, True)
     return params, stacked
 
+  def micro_batches(name, route, placement):
+    """m-sharpness, m = 2: 8 groups made in a sharded jit, or 1 group per device (shard_map)."""
+    mesh = td._mesh()
+    put = lambda tree, spec: jax.device_put(tree, NamedSharding(mesh, spec))
+    if placement == 'jit':
+      tx = td.VARIANTS[name][0]()
+      fn = jax.jit(tm._grouped_step(tx, route))
+    else:
+      tx = td.VARIANTS[name][0](axis_name=td.AXIS)
+      specs = (P(), P(), P(td.AXIS), P(td.AXIS))
+      # Replicated out_specs: the gradients are averaged over the 8 devices, so every device
+      # takes the same step (same_on_every_process checks it across the two processes).
+      body = jax.shard_map(
+        tm._grouped_step(tx, route), mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False
+      )
+      fn = jax.jit(body)
+    params, state = put(td.PARAMS, P()), put(tx.init(td.PARAMS), P())
+    x, y = put(td.X, P(td.AXIS)), put(td.Y, P(td.AXIS))
+    for _ in range(td.STEPS):
+      params, state = fn(params, state, x, y)
+    return params, state
+
   results = {}
+  for name in td.VARIANTS:
+    for route in tm.ROUTES:
+      for placement in ('jit', 'shard_map'):
+        key = f'{name}/micro_batches/{route}/{placement}'
+        params, state = micro_batches(name, route, placement)
+        same_on_every_process((params, state))
+        params = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), params)
+        error = td._max_diff(params, td._reference(name, local=True))
+        results[key] = error
+        assert error < 3e-6, (key, error)  # tests/test_micro_batches.py's tolerance
   for name in td.VARIANTS:
     for two_phase in (False, True):
       for local in (False, True):

@@ -86,9 +86,12 @@ def test_every_variant_agrees_across_two_processes(tmp_path):
   for s in summaries:
     assert s['ok'], s.get('error')
   checked = summaries[0]['max_errors']
-  assert len(checked) == 8 * 2 * 2  # variants x modes x global/local
+  micro = {k: v for k, v in checked.items() if '/micro_batches/' in k}
+  assert len(checked) - len(micro) == 8 * 2 * 2  # variants x modes x global/local
+  assert len(micro) == 8 * 2 * 2  # variants x routes x sharded jit/shard_map
   assert summaries[1]['max_errors'].keys() == checked.keys()
-  assert max(checked.values()) < 2e-6
+  assert max(v for k, v in checked.items() if k not in micro) < 2e-6
+  assert max(micro.values()) < 3e-6
 
 
 def test_a_dead_or_hung_process_fails_with_the_output_of_all(tmp_path):
