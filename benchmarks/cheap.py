@@ -23,9 +23,6 @@ interval; the script prints PASS/MISS for each target and writes
 """
 
 import argparse
-import gc
-import json
-import pathlib
 
 import jax
 import numpy as np
@@ -92,16 +89,7 @@ def measure(model: models.Model, settings: run.Settings, log=print) -> dict:
   round_s = steps * sum(estimate.values())
   rounds = int(np.clip(settings.budget_s // max(round_s, 1e-9), settings.min_rounds, 201))
   log(f'  timing: {rounds} rounds x {steps} steps per case (~{round_s:.2f} s per round)')
-  times = {r.case.name: [] for r in runners}
-  gc.collect()
-  gc.disable()
-  try:
-    for i in range(rounds):
-      order = runners[i % len(runners) :] + runners[: i % len(runners)]
-      for r in order[::-1] if i % 2 else order:
-        times[r.case.name].append(r.run(steps))
-  finally:
-    gc.enable()
+  times = run.interleaved(runners, rounds, steps)
   base_t = np.asarray(times['base'])
   base_arg = next(r for r in runners if r.case.name == 'base').memory['argument']
   cases = {}
@@ -182,13 +170,8 @@ def main(argv=None) -> dict:
     result = measure(specs[name][0], settings)
     results.append(result)
     lines += check(result)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  env = run.environment(argv or [], '')
-  (out / 'cheap.json').write_text(json.dumps(dict(environment=env, models=results), indent=1))
   text = markdown(results) + '\n' + '\n'.join(lines) + '\n'
-  (out / 'cheap.md').write_text(text)
-  print(text)
+  run.save(args.out, 'cheap', argv, results, text)
   return dict(models=results, checks=lines)
 
 

@@ -21,9 +21,6 @@ time per step to ``sam``'s, with a bootstrap 95% interval, and the compiled temp
 """
 
 import argparse
-import gc
-import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -90,18 +87,7 @@ def measure(
   round_s = steps * sum(estimate.values())
   rounds = int(np.clip(settings.budget_s // max(round_s, 1e-9), settings.min_rounds, 101))
   log(f'  timing: {rounds} rounds x {steps} steps per case (~{round_s:.2f} s per round)')
-  times = {r.case.name: [] for r in runners}
-  gc.collect()
-  gc.disable()
-  try:
-    for i in range(rounds):
-      order = runners[i % len(runners) :] + runners[: i % len(runners)]
-      for r in order[::-1] if i % 2 else order:
-        times[r.case.name].append(r.run(steps))
-      if (i + 1) % 10 == 0:
-        log(f'  round {i + 1}/{rounds}')
-  finally:
-    gc.enable()
+  times = run.interleaved(runners, rounds, steps, log)
   sam_t = np.asarray(times['sam'])
   cases = {}
   for r in runners:
@@ -155,15 +141,7 @@ def main(argv=None) -> dict:
   specs = run.model_specs(args.quick, resnet_batch=128)
   group_sizes = (2, 4) if args.quick else GROUP_SIZES  # quick models have batch 8
   results = [measure(specs[name][0], settings, group_sizes) for name in args.models.split(',')]
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  env = run.environment(argv or [], '')
-  (out / 'micro_batches.json').write_text(
-    json.dumps(dict(environment=env, models=results), indent=1)
-  )
-  text = markdown(results)
-  (out / 'micro_batches.md').write_text(text)
-  print(text)
+  run.save(args.out, 'micro_batches', argv, results, markdown(results))
   return dict(models=results)
 
 

@@ -23,6 +23,7 @@ import datetime
 import gc
 import json
 import os
+import pathlib
 import platform
 import shlex
 import subprocess
@@ -155,6 +156,40 @@ def _bootstrap_ci(values: np.ndarray, seed: int = 0, resamples: int = 2000) -> t
   return float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
 
 
+def interleaved(runners: list, rounds: int, steps: int, log=None) -> dict[str, list]:
+  """Times every runner ``rounds`` times, ``steps`` steps each, interleaved.
+
+  Round ``i`` starts at runner ``i mod n`` and odd rounds run backwards, so no
+  case always follows the same other case; the garbage collector is off while
+  timing. Returns each case's list of per-step times; ``log`` (if given) gets a
+  line every 10 rounds.
+  """
+  times = {r.case.name: [] for r in runners}
+  gc.collect()
+  gc.disable()
+  try:
+    for i in range(rounds):
+      order = runners[i % len(runners) :] + runners[: i % len(runners)]
+      for runner in order[::-1] if i % 2 else order:
+        times[runner.case.name].append(runner.run(steps))
+      if log is not None and (i + 1) % 10 == 0:
+        log(f'  round {i + 1}/{rounds}')
+  finally:
+    gc.enable()
+  return times
+
+
+def save(out: str, stem: str, argv: Sequence[str], models: list, text: str) -> None:
+  """Writes ``OUT/STEM.json`` (the environment and the results) and ``OUT/STEM.md``, prints the
+  markdown."""
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  env = environment(argv or [], '')
+  (out / f'{stem}.json').write_text(json.dumps(dict(environment=env, models=models), indent=1))
+  (out / f'{stem}.md').write_text(text)
+  print(text)
+
+
 def measure_model(
   model: models.Model,
   settings: Settings,
@@ -193,18 +228,7 @@ def measure_model(
   )
   log(f'  timing: {rounds} rounds x {steps} SAM steps per case (~{round_s:.2f} s per round)')
 
-  times = {r.case.name: [] for r in runners}
-  gc.collect()
-  gc.disable()
-  try:
-    for i in range(rounds):
-      order = runners[i % len(runners) :] + runners[: i % len(runners)]
-      if i % 2:
-        order = order[::-1]
-      for runner in order:
-        times[runner.case.name].append(runner.run(steps))
-  finally:
-    gc.enable()
+  times = interleaved(runners, rounds, steps)
 
   results = []
   for runner in runners:

@@ -406,22 +406,17 @@ def markdown(table: dict, setting: Setting) -> str:
         f'did not train {r["failed"]}/{r["runs"]}'
       )
     lines.append(f'| {lr} | ' + ' | '.join(cells) + ' |')
-  stable = table['lr']['stable']
-  lines.append(
-    '\nLargest learning rate with no diverged seed (at it and below): '
-    + ', '.join(f'{NAMES[o]} {_opt(stable[o]["largest_stable"])}' for o in setting.lr_optimizers)
-    + '; first that diverged: '
-    + ', '.join(f'{NAMES[o]} {_opt(stable[o]["first_diverged"])}' for o in setting.lr_optimizers)
-    + '.\n'
-  )
-  trains = table['lr']['trains']
-  lines.append(
-    'Largest learning rate at which every seed trained (at it and below): '
-    + ', '.join(f'{NAMES[o]} {_opt(trains[o]["largest_stable"])}' for o in setting.lr_optimizers)
-    + '; first at which a seed did not: '
-    + ', '.join(f'{NAMES[o]} {_opt(trains[o]["first_diverged"])}' for o in setting.lr_optimizers)
-    + '.\n'
-  )
+  optimizers = setting.lr_optimizers
+  largest = lambda found, key: ', '.join(f'{NAMES[o]} {_opt(found[o][key])}' for o in optimizers)
+  lines.append('')
+  for found, what, first in (
+    (table['lr']['stable'], 'with no diverged seed', 'first that diverged'),
+    (table['lr']['trains'], 'at which every seed trained', 'first at which a seed did not'),
+  ):
+    lines.append(
+      f'Largest learning rate {what} (at it and below): {largest(found, "largest_stable")}; '
+      f'{first}: {largest(found, "first_diverged")}.\n'
+    )
   return '\n'.join(lines) + '\n'
 
 
