@@ -56,15 +56,17 @@ def digits():
 
 
 def restored_state(workdir, config, dataset):
-  """The model and optimizer state of the last checkpoint in ``workdir``."""
+  """The last checkpoint in ``workdir``: (model, optimizer) updated to it, its state, its meta."""
   model = train.create_model(config, dataset)
   optimizer = nnx.Optimizer(model, train.create_optimizer(config, 4), wrt=nnx.Param)
   checkpoints = train.Checkpoints(workdir / train.CHECKPOINT_DIR, create=False)
-  template = {'model': nnx.state(model), 'optimizer': nnx.state(optimizer)}
-  state, meta = checkpoints.restore(checkpoints.latest_epoch(), template)
+  state, meta = checkpoints.restore(
+    checkpoints.latest_epoch(), train._checkpointed(model, optimizer)
+  )
   checkpoints.close()
+  nnx.update(optimizer, state['optimizer'])
   nnx.update(model, state['model'])
-  return model, state, meta
+  return model, optimizer, state, meta
 
 
 def key_data_leaves(tree):
@@ -281,7 +283,7 @@ def test_one_epoch_writes_metrics_plot_and_checkpoint(tmp_path, digits):
   assert (tmp_path / reporting.CURVES_FILE).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   assert lines[0].startswith('epoch   1/1  train loss ')
   # the reported test metrics are those of the checkpointed model
-  model, _, meta = restored_state(tmp_path, TINY, digits)
+  model, _, _, meta = restored_state(tmp_path, TINY, digits)
   loss, accuracy = train.evaluate(model, digits.x_test, digits.y_test)
   assert accuracy == epoch['test_accuracy'] and loss == pytest.approx(epoch['test_loss'], rel=1e-6)
   assert meta['epoch'] == 1 and meta['history'] == on_disk['history']
@@ -296,8 +298,8 @@ def test_resume_reaches_the_same_parameters_as_a_straight_run(tmp_path, digits):
   resumed = train.train_and_evaluate(
     two, tmp_path / 'b', dataset=digits, resume=True, progress=False, log=lambda _: None
   )
-  _, state_a, _ = restored_state(tmp_path / 'a', two, digits)
-  _, state_b, _ = restored_state(tmp_path / 'b', two, digits)
+  _, _, state_a, _ = restored_state(tmp_path / 'a', two, digits)
+  _, _, state_b, _ = restored_state(tmp_path / 'b', two, digits)
   for a, b in zip(key_data_leaves(state_a), key_data_leaves(state_b), strict=True):
     np.testing.assert_array_equal(a, b)  # parameters, BatchNorm, RNG counts, SAM and SGD state
   strip = lambda history: [{k: v for k, v in h.items() if k != 'seconds'} for h in history]
@@ -305,7 +307,11 @@ def test_resume_reaches_the_same_parameters_as_a_straight_run(tmp_path, digits):
   assert straight['history'][1]['train_loss'] < straight['history'][0]['train_loss']
 
 
-def test_sharpness_every_records_the_measures_without_changing_training(tmp_path, digits):
+def test_sharpness_every_records_the_measures_without_changing_training(
+  tmp_path, digits, monkeypatch
+):
+  # 3 Lanczos steps instead of 10: the same program, a third of the (unrolled) compile.
+  monkeypatch.setattr(train, 'SHARPNESS_LANCZOS_STEPS', 3)
   two = dataclasses.replace(TINY, epochs=2, optimizer='fsam')
   quiet = dict(dataset=digits, progress=False, log=lambda _: None)
   plain = train.train_and_evaluate(two, tmp_path / 'a', **quiet)
@@ -323,7 +329,7 @@ def test_sharpness_every_records_the_measures_without_changing_training(tmp_path
     assert h['step_statistics']['ema_cosine'] != 0 or h['epoch'] == 1
   assert (tmp_path / 'b' / reporting.SHARPNESS_PLOT).read_bytes()[:4] == b'\x89PNG'
   # The recorded SAM sharpness is L(w + e) - L(w) of the final model, by hand, in eval mode.
-  model, _, _ = restored_state(tmp_path / 'b', two, digits)
+  model, _, _, _ = restored_state(tmp_path / 'b', two, digits)
   x = jnp.asarray(digits.x_train[: train.SHARPNESS_EXAMPLES])
   y = jnp.asarray(digits.y_train[: train.SHARPNESS_EXAMPLES])
   view = nnx.view(model, deterministic=True, use_running_average=True)

@@ -12,7 +12,14 @@ from flax import nnx
 import optax_sam
 from optax_sam.examples import config as config_lib
 from optax_sam.examples import train
-from tests.test_example import BASE, TINY, TINY_FLAGS, digits, key_data_leaves  # noqa: F401
+from tests.test_example import (  # noqa: F401
+  BASE,
+  TINY,
+  TINY_FLAGS,
+  digits,
+  key_data_leaves,
+  restored_state,
+)
 
 
 def _base():
@@ -65,28 +72,16 @@ def test_msam_evaluates_and_checkpoints_the_clean_weights(tmp_path, digits):  # 
   metrics = train.train_and_evaluate(
     config, tmp_path, dataset=digits, progress=False, log=lambda _: None
   )
-  model = train.create_model(config, digits)
-  optimizer = nnx.Optimizer(model, train.create_optimizer(config, 4), wrt=nnx.Param)
-  checkpoints = train.Checkpoints(tmp_path / train.CHECKPOINT_DIR, create=False)
-  template = train._checkpointed(model, optimizer)
-  state, _ = checkpoints.restore(checkpoints.latest_epoch(), template)
-  checkpoints.close()
-  nnx.update(optimizer, state['optimizer'])
+  model, optimizer, state, _ = restored_state(tmp_path, config, digits)  # model: clean weights
   held = nnx.as_pure(state['held'])
   clean = optax_sam.clean_params(held, nnx.as_pure(optimizer.opt_state))
-  saved = nnx.as_pure(nnx.state(_merged(model, state['model']), nnx.Param))
+  saved = nnx.as_pure(nnx.state(model, nnx.Param))
   for a, b in zip(jax.tree.leaves(clean), jax.tree.leaves(saved), strict=True):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
   assert max(float(np.max(np.abs(a - b))) for a, b in zip(
     jax.tree.leaves(held), jax.tree.leaves(saved), strict=True)) > 1e-4  # fmt: skip
-  _, accuracy = train.evaluate(_merged(model, state['model']), digits.x_test, digits.y_test)
+  _, accuracy = train.evaluate(model, digits.x_test, digits.y_test)
   assert accuracy == metrics['history'][-1]['test_accuracy']
-
-
-def _merged(model, state):
-  copy = nnx.clone(model)
-  nnx.update(copy, state)
-  return copy
 
 
 def test_msam_resume_reaches_the_same_state_as_a_straight_run(tmp_path, digits):  # noqa: F811
@@ -97,13 +92,7 @@ def test_msam_resume_reaches_the_same_state_as_a_straight_run(tmp_path, digits):
   train.train_and_evaluate(
     two, tmp_path / 'b', dataset=digits, resume=True, progress=False, log=lambda _: None
   )
-  states = []
-  for run in ('a', 'b'):
-    model = train.create_model(two, digits)
-    optimizer = nnx.Optimizer(model, train.create_optimizer(two, 4), wrt=nnx.Param)
-    checkpoints = train.Checkpoints(tmp_path / run / train.CHECKPOINT_DIR, create=False)
-    states.append(checkpoints.restore(2, train._checkpointed(model, optimizer))[0])
-    checkpoints.close()
+  states = [restored_state(tmp_path / run, two, digits)[2] for run in ('a', 'b')]
   for a, b in zip(key_data_leaves(states[0]), key_data_leaves(states[1]), strict=True):
     np.testing.assert_array_equal(a, b)
 

@@ -17,10 +17,10 @@ import sys
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from optax_sam.examples import config as config_lib
 from optax_sam.examples import multiprocess, reporting, train
+from tests.test_example import restored_state
 from tests.test_multihost import _run_job
 
 # 160 training examples (5 steps of 32), 40 test examples, a 4-channel ResNet; a constant
@@ -83,13 +83,7 @@ def _assert_histories_close(got: list[dict], want: list[dict]) -> None:
 
 def _checkpointed_leaves(workdir: pathlib.Path, config: config_lib.Config) -> list[np.ndarray]:
   """Every array of the last checkpoint in ``workdir``, restored onto this process's device."""
-  dataset = train.load_dataset(config)
-  model = train.create_model(config, dataset)
-  optimizer = nnx.Optimizer(model, train.create_optimizer(config, 5), wrt=nnx.Param)
-  checkpoints = train.Checkpoints(workdir / train.CHECKPOINT_DIR, create=False)
-  template = train._checkpointed(model, optimizer)
-  state, _ = checkpoints.restore(checkpoints.latest_epoch(), template)
-  checkpoints.close()
+  _, _, state, _ = restored_state(workdir, config, train.load_dataset(config))
   return [np.asarray(leaf) for leaf in train._flat(state).values()]
 
 
