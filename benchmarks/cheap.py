@@ -22,8 +22,6 @@ interval; the script prints PASS/MISS for each target and writes
 ``cheap.json`` and ``cheap.md`` into ``--out``.
 """
 
-import argparse
-
 import jax
 import numpy as np
 
@@ -135,34 +133,21 @@ def check(result: dict) -> list:
 
 
 def markdown(results: list) -> str:
-  out = []
-  for m in results:
-    out.append(
-      f'**{m["name"]}** ({m["description"]}, {m["param_bytes"]:,} parameter bytes; '
-      f'{m["rounds"]} rounds of {m["steps"]} steps)\n'
-    )
-    out.append(
-      '| case | time / step (ms) | vs base (95% CI) | target | state over base (bytes) '
-      '| DESIGN | temporaries (bytes) |'
-    )
-    out.append('|---|---|---|---|---|---|---|')
-    for name, c in m['cases'].items():
-      target = f'<= {TARGETS[name]}x' if name in TARGETS else ''
-      out.append(
-        f'| {name} | {c["time_ms"]:.3f} | {c["ratio_vs_base"]:.3f} '
-        f'({c["ci95"][0]:.3f}-{c["ci95"][1]:.3f}) | {target} | {c["argument_delta_bytes"]:,} '
-        f'| {c["expected_state_bytes"]:,} | {c["temp_bytes"]:,} |'
-      )
-    out.append('')
-  return '\n'.join(out)
+  return run.side_table(
+    results,
+    lambda m: f'{m["param_bytes"]:,} parameter bytes',
+    'base',
+    [
+      ('target', lambda name, c, m: f'<= {TARGETS[name]}x' if name in TARGETS else ''),
+      ('state over base (bytes)', lambda name, c, m: f'{c["argument_delta_bytes"]:,}'),
+      ('DESIGN', lambda name, c, m: f'{c["expected_state_bytes"]:,}'),
+      ('temporaries (bytes)', lambda name, c, m: f'{c["temp_bytes"]:,}'),
+    ],
+  )
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--quick', action='store_true')
-  parser.add_argument('--models', default='mlp,cnn')
-  parser.add_argument('--out', default='benchmarks/results/cpu-cheap')
-  args = parser.parse_args(argv)
+  args = run.side_arguments(__doc__, 'benchmarks/results/cpu-cheap', argv)
   settings = run.QUICK if args.quick else run.FULL
   specs = run.model_specs(args.quick, resnet_batch=16)
   results, lines = [], []

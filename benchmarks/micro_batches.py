@@ -20,8 +20,6 @@ time per step to ``sam``'s, with a bootstrap 95% interval, and the compiled temp
 (``memory_analysis()``). Writes ``micro_batches.json`` and ``micro_batches.md`` into ``--out``.
 """
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,31 +110,19 @@ def measure(
 
 
 def markdown(results: list) -> str:
-  out = []
-  for m in results:
-    out.append(
-      f'**{m["name"]}** ({m["description"]}, batch {m["batch_size"]}; '
-      f'{m["rounds"]} rounds of {m["steps"]} steps)\n'
-    )
-    out.append('| case | time / step (ms) | vs sam (95% CI) | temporaries (bytes) | vs sam |')
-    out.append('|---|---|---|---|---|')
-    sam_temp = m['cases']['sam']['temp_bytes']
-    for name, c in m['cases'].items():
-      out.append(
-        f'| {name} | {c["time_ms"]:.3f} | {c["ratio_vs_sam"]:.3f} '
-        f'({c["ci95"][0]:.3f}-{c["ci95"][1]:.3f}) | {c["temp_bytes"]:,} '
-        f'| {c["temp_bytes"] / sam_temp:.2f}x |'
-      )
-    out.append('')
-  return '\n'.join(out)
+  return run.side_table(
+    results,
+    lambda m: f'batch {m["batch_size"]}',
+    'sam',
+    [
+      ('temporaries (bytes)', lambda name, c, m: f'{c["temp_bytes"]:,}'),
+      ('vs sam', lambda name, c, m: f'{c["temp_bytes"] / m["cases"]["sam"]["temp_bytes"]:.2f}x'),
+    ],
+  )
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--quick', action='store_true')
-  parser.add_argument('--models', default='mlp,cnn')
-  parser.add_argument('--out', default='benchmarks/results/micro-batches-cpu')
-  args = parser.parse_args(argv)
+  args = run.side_arguments(__doc__, 'benchmarks/results/micro-batches-cpu', argv)
   settings = run.QUICK if args.quick else run.FULL
   specs = run.model_specs(args.quick, resnet_batch=128)
   group_sizes = (2, 4) if args.quick else GROUP_SIZES  # quick models have batch 8

@@ -179,6 +179,40 @@ def interleaved(runners: list, rounds: int, steps: int, log=None) -> dict[str, l
   return times
 
 
+def side_arguments(doc: str, out: str, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+  """Parses the options of a side-by-side benchmark: ``--quick``, ``--models``, ``--out``."""
+  parser = argparse.ArgumentParser(description=doc.split('\n\n')[0])
+  parser.add_argument('--quick', action='store_true', help='tiny models, few rounds (seconds)')
+  parser.add_argument('--models', default='mlp,cnn', help='comma-separated: mlp, cnn')
+  parser.add_argument('--out', default=out, help='directory for the .json and .md results')
+  return parser.parse_args(argv)
+
+
+def side_table(results: list, detail, reference: str, columns: list) -> str:
+  """Markdown for a side-by-side benchmark: per model a caption and one row per case.
+
+  Each row has the case, its time per step and its ratio to ``reference`` with the 95% CI, then
+  one cell per ``(header, cell)`` in ``columns``, ``cell(name, case, model)``; ``detail(model)``
+  completes the caption.
+  """
+  out = []
+  for m in results:
+    out.append(
+      f'**{m["name"]}** ({m["description"]}, {detail(m)}; '
+      f'{m["rounds"]} rounds of {m["steps"]} steps)\n'
+    )
+    heads = ['case', 'time / step (ms)', f'vs {reference} (95% CI)'] + [h for h, _ in columns]
+    out.append('| ' + ' | '.join(heads) + ' |')
+    out.append('|' + '---|' * len(heads))
+    for name, c in m['cases'].items():
+      lo, hi = c['ci95']
+      cells = [name, f'{c["time_ms"]:.3f}', f'{c[f"ratio_vs_{reference}"]:.3f} ({lo:.3f}-{hi:.3f})']
+      cells += [cell(name, c, m) for _, cell in columns]
+      out.append('| ' + ' | '.join(cells) + ' |')
+    out.append('')
+  return '\n'.join(out)
+
+
 def save(out: str, stem: str, argv: Sequence[str], models: list, text: str) -> None:
   """Writes ``OUT/STEM.json`` (the environment and the results) and ``OUT/STEM.md``, prints the
   markdown."""
