@@ -1,4 +1,6 @@
-"""A small regression problem shared by the tests."""
+"""A small regression problem shared by the tests; the environment of the processes they start."""
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -38,3 +40,14 @@ def max_diff(a, b):
     float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
   )
+
+
+def child_environment() -> dict[str, str]:
+  """This environment for a process that chooses its own devices.
+
+  It keeps conftest's compile flags and compilation cache, without conftest's 8 fake devices.
+  """
+  env = dict(os.environ)
+  flags = env.get('XLA_FLAGS', '').split()
+  env['XLA_FLAGS'] = ' '.join(f for f in flags if 'xla_force_host_platform_device_count' not in f)
+  return env

@@ -24,7 +24,8 @@ PROCESSES, LOCAL_DEVICES = 2, 4
 
 
 def _initialize(process_id: int, port: int) -> None:
-  os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={LOCAL_DEVICES}'
+  flags = os.environ.get('XLA_FLAGS', '')  # the test's compile flags
+  os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={LOCAL_DEVICES}'
   os.environ['JAX_PLATFORMS'] = 'cpu'
   import jax
 

@@ -18,6 +18,8 @@ import time
 
 import pytest
 
+from tests import helpers
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TIMEOUT_S = 600
 
@@ -43,7 +45,8 @@ def _run_job(tmp_path: pathlib.Path, command=_worker, processes=2, timeout=TIMEO
   still running after ``timeout`` seconds (then all are killed).
   """
   port = _free_port()
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
+  env = helpers.child_environment()  # the workers set their devices and platform
+  env.pop('JAX_PLATFORMS', None)
   env['PYTHONPATH'] = os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')])
   procs, logs = [], []
   for i in range(processes):

@@ -6,7 +6,6 @@ The smoke run checks the structure of what the study writes, never its accuracie
 import doctest
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import sys
 import pytest
 
 from benchmarks import paired, study
+from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -170,7 +170,7 @@ def smoke(tmp_path_factory):
   """``python -m benchmarks.study --smoke`` as a user runs it: its own process, one device."""
   out = tmp_path_factory.mktemp('study')
   command = [sys.executable, '-m', 'benchmarks.study', '--smoke', '--out', str(out)]
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # not conftest's 8 devices
+  env = helpers.child_environment()  # one device
   done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
   assert 'Largest learning rate' in done.stdout  # it prints the tables it writes
