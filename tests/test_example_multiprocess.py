@@ -41,11 +41,8 @@ def _two_processes(tmp_path: pathlib.Path, job: str, *flags: str) -> list[str]:
   """Runs the example on 2 processes into ``tmp_path / 'run'``; returns each one's output."""
   folder = tmp_path / job
   folder.mkdir()
-  cache = [f'JAX_COMPILATION_CACHE_DIR={tmp_path / "jax-cache"}']
-  cache += ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0']
+  # The processes share the run's compilation cache (conftest.py, through _run_job's environment).
   command = lambda i, port, out: [
-    'env',
-    *cache,
     sys.executable,
     '-m',
     'optax_sam.examples.train',
