@@ -214,8 +214,10 @@ def side_table(results: list, detail, reference: str, columns: list) -> str:
 
 
 def save(out: str, stem: str, argv: Sequence[str], models: list, text: str) -> None:
-  """Writes ``OUT/STEM.json`` (the environment and the results) and ``OUT/STEM.md``, prints the
-  markdown."""
+  """Writes a side-by-side benchmark's results and prints their markdown.
+
+  ``OUT/STEM.json`` holds the environment and ``models``; ``OUT/STEM.md`` holds ``text``.
+  """
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   env = environment(argv or [], '')
