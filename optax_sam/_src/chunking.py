@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_sam._src import cpu_convolutions
+
 
 def check_num_chunks(num_chunks: int) -> None:
   """Raises ``ValueError`` unless ``num_chunks`` is a positive Python int."""
@@ -41,6 +43,10 @@ def chunked_mean(fn: Callable[[Any], Any], batch: Any, num_chunks: int) -> Any:
   examples ``c, c + C, c + 2C, ...`` (a strided split), so a batch sharded
   along its leading axis stays sharded the same way within every chunk.
 
+  The sharpness estimators call these means in loops (Lanczos, probes,
+  ascent steps), so ``fn`` runs with :func:`cpu_convolutions.canonical`
+  (the same values, and XLA:CPU's fast convolutions inside loops).
+
   Args:
     fn: a function of a batch returning a pytree of arrays.
     batch: a pytree whose leaves share a leading axis divisible by
@@ -51,6 +57,7 @@ def chunked_mean(fn: Callable[[Any], Any], batch: Any, num_chunks: int) -> Any:
     The mean over chunks, with the structure and dtypes of ``fn``'s output.
   """
   check_num_chunks(num_chunks)
+  fn = cpu_convolutions.canonical(fn)
   if num_chunks == 1:
     return fn(batch)
   size = _batch_size(batch, num_chunks)

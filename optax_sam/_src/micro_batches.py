@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_sam._src import cpu_convolutions
+
 # The vmap route's axis: the SAM wrapper averages over it (and over its own axis_name).
 GROUP_AXIS = 'optax_sam_micro_batches'
 ROUTES = ('scan', 'vmap')
@@ -214,6 +216,7 @@ def accumulated_grad_fn(
   """
   groups = _split(batch, micro_batch_size, 'micro_batch_size', 'accumulated_grad_fn')
   count = jax.tree.leaves(groups)[0].shape[0]
+  grad_fn = cpu_convolutions.canonical(grad_fn)  # it runs in a scan
 
   def accumulated(params):
     shapes = jax.eval_shape(grad_fn, params, one_group_shape(groups))

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_sam._src import corrections, numerics, policies
+from optax_sam._src import corrections, cpu_convolutions, numerics, policies
 from optax_sam._src import micro_batches as micro_batches_lib
 from optax_sam._src import momentum_sam as momentum_sam_lib
 from optax_sam._src import statistics as statistics_lib
@@ -344,6 +344,8 @@ def sharpness_aware(
   def one_call_step(grads, state, params, grad_fn, extra, axes):
     """A one-call step of one member (the whole step, or a device's, or a group's share)."""
     wide_grads = widen(grads, params)
+    if when is not None:  # grad_fn runs in a conditional branch
+      grad_fn = cpu_convolutions.canonical(grad_fn)
 
     def sam_gradient(state):
       """The SAM gradient and the state after it, all but the base optimizer's update."""
@@ -389,14 +391,15 @@ def sharpness_aware(
       )
     num_groups = jax.tree.leaves(batches.groups)[0].shape[0]
     keep_prepared = correction.remember is not None
+    group_grad = cpu_convolutions.canonical(batches.grad_fn)  # it runs in a scan
 
     def clean_gradient(group):
-      return widen(batches.grad_fn(params, group), params)
+      return widen(group_grad(params, group), params)
 
     def group_terms(group):
       """A group's clean gradient and its SAM terms (F-SAM's ``e`` needs only the group's own)."""
       g = clean_gradient(group)
-      grad_fn = lambda p: batches.grad_fn(p, group)
+      grad_fn = lambda p: group_grad(p, group)
       g_sam, prepared, stats, _ = member_gradient(g, g, state, params, grad_fn, _Axes(None, True))
       return g, g_sam, prepared if keep_prepared else optax.EmptyState(), stats
 

@@ -1,0 +1,129 @@
+"""Convolutions in the layout XLA:CPU's fast kernels take, for code that runs inside control flow.
+
+XLA:CPU runs a convolution on its fast (Eigen) kernels only when the input is
+laid out batch-spatial-feature and the kernel spatial-in-out. Its compiler
+rewrites other convolutions into that form with transposes, but only in the
+program's top level: a convolution inside a ``lax.cond`` branch or a loop body
+keeps its dimension order and runs on a generic loop about 30 times slower. The
+gradients of a convolution (``jax.grad`` transposes it) are never in that order,
+so SAM's second gradient under ``when=`` would cost many plain steps on CPU.
+
+:func:`canonical` does the compiler's rewrite itself, on the
+function's jaxpr: every convolution becomes transposes around a convolution in
+the canonical order. The result is the same computation (transposes are exact);
+only CPU lowering uses it (``lax.platform_dependent``), other backends get the
+function unchanged.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.extend.core as jex
+import numpy as np
+from jax import lax
+
+_conv_p = jex.primitives.conv_general_dilated_p
+_inlined = (jex.primitives.jit_p, jex.primitives.closed_call_p)
+
+
+def canonical(fn: Callable[..., Any]) -> Callable[..., Any]:
+  r"""``fn`` with its convolutions in the order XLA:CPU runs fast, on CPU only.
+
+  Each ``lax.conv_general_dilated`` in ``fn`` (also inside ``jax.jit``-wrapped
+  calls, which are inlined) with input dimensions other than
+  batch-spatial-feature, kernel dimensions other than spatial-in-out, or output
+  dimensions other than batch-spatial-feature runs as
+
+  .. math::
+
+    y = P_{out}^{-1}\big(\mathrm{conv}(P_{in}(x), P_{kernel}(k))\big),
+
+  with :math:`P` the transposes into the canonical orders, the rewrite XLA:CPU
+  applies itself only outside control flow. Other operations, and higher-order
+  ones (``lax.cond``, loops, ``jax.checkpoint``, custom derivatives), are bound
+  unchanged. The values are those of ``fn``.
+
+  Args:
+    fn: a function of arrays (any pytrees in and out), traceable by JAX.
+
+  Returns:
+    A function with ``fn``'s signature. On CPU it evaluates the rewritten jaxpr;
+    on other platforms it is ``fn`` (``lax.platform_dependent`` picks at lowering).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from optax_sam._src import cpu_convolutions
+    >>> x, k = jnp.ones((2, 8, 3)), jnp.ones((3, 3, 4))  # NWC input, WIO kernel
+    >>> loss = lambda k: jnp.sum(jax.lax.conv_general_dilated(
+    ...   x, k, (1,), 'SAME', dimension_numbers=('NWC', 'WIO', 'NWC')) ** 2)
+    >>> g = jax.grad(loss)  # its kernel-gradient convolution is not canonical
+    >>> bool(jnp.allclose(cpu_convolutions.canonical(g)(k), g(k)))
+    True
+  """
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    return lax.platform_dependent(
+      args, kwargs, cpu=lambda a, kw: _rewritten(fn, a, kw), default=lambda a, kw: fn(*a, **kw)
+    )
+
+  return wrapped
+
+
+def _rewritten(fn, args, kwargs):
+  closed, out_shape = jax.make_jaxpr(lambda a, kw: fn(*a, **kw), return_shape=True)(args, kwargs)
+  flat = _evaluate(closed.jaxpr, closed.consts, jax.tree.leaves((args, kwargs)))
+  return jax.tree.unflatten(jax.tree.structure(out_shape), flat)
+
+
+def _evaluate(jaxpr: jex.Jaxpr, consts: list, args: list) -> list:
+  """``jaxpr`` on ``args``, with canonical convolutions (as ``jax.core.eval_jaxpr`` binds)."""
+  env = {}
+
+  def read(v):
+    return v.val if isinstance(v, jex.Literal) else env[v]
+
+  for var, value in zip(jaxpr.constvars, consts, strict=True):
+    env[var] = value
+  for var, value in zip(jaxpr.invars, args, strict=True):
+    env[var] = value
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    if eqn.primitive is _conv_p:
+      outvals = [_canonical_convolution(*invals, **eqn.params)]
+    elif eqn.primitive in _inlined and isinstance(eqn.params.get('jaxpr'), jex.ClosedJaxpr):
+      inner = eqn.params['jaxpr']
+      outvals = _evaluate(inner.jaxpr, inner.consts, invals)
+    else:
+      bound = eqn.primitive.get_bind_params(eqn.params)
+      # (subfuns, params) before jax 0.9, params since
+      subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
+      with eqn.ctx.manager:
+        outvals = eqn.primitive.bind(*subfuns, *invals, **params)
+      if not eqn.primitive.multiple_results:
+        outvals = [outvals]
+    for var, value in zip(eqn.outvars, outvals, strict=True):
+      env[var] = value  # a dropped output (DropVar) is written and never read
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _canonical_convolution(lhs, rhs, *, dimension_numbers, **params):
+  """A ``conv_general_dilated`` on batch-spatial-feature input and output, spatial-in-out kernel."""
+  lhs_spec, rhs_spec, out_spec = dimension_numbers
+  n = len(lhs_spec)
+  spatial = tuple(range(1, n - 1))
+  canonical = lax.ConvDimensionNumbers(
+    lhs_spec=(0, n - 1, *spatial),
+    rhs_spec=(n - 1, n - 2, *range(n - 2)),
+    out_spec=(0, n - 1, *spatial),
+  )
+  if tuple(map(tuple, dimension_numbers)) == tuple(map(tuple, canonical)):
+    return _conv_p.bind(lhs, rhs, dimension_numbers=dimension_numbers, **params)
+  lhs = lax.transpose(lhs, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))
+  rhs = lax.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))
+  out = _conv_p.bind(lhs, rhs, dimension_numbers=canonical, **params)
+  # Axis i of ``out`` is axis order[i] of the original output.
+  order = (out_spec[0], *out_spec[2:], out_spec[1])
+  return lax.transpose(out, tuple(int(i) for i in np.argsort(order)))

@@ -1,0 +1,232 @@
+"""Convolutions in XLA:CPU's canonical order inside control flow: same values, fast kernels."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import export, lax
+
+import optax_sam
+from optax_sam import sharpness
+from optax_sam._src import cpu_convolutions
+from tests import helpers
+
+# XLA:CPU's canonical order: batch-spatial-feature input and output, spatial-in-out kernel.
+CANONICAL = {'b0f_0io->b0f', 'b01f_01io->b01f'}
+
+
+def _conv(x, k, dimension_numbers, **kwargs):
+  kwargs.setdefault('window_strides', (1,) * (x.ndim - 2))
+  kwargs.setdefault('padding', 'SAME')
+  return lax.conv_general_dilated(x, k, dimension_numbers=dimension_numbers, **kwargs)
+
+
+# (input shape, kernel shape, dimension numbers, options): 1-D and 2-D, channels first and
+# last, strides, dilations, grouped and depthwise (whose gradients have batch_group_count > 1).
+CONVS = {
+  'nwc': ((2, 9, 3), (3, 3, 4), ('NWC', 'WIO', 'NWC'), {}),
+  'ncw': ((2, 3, 9), (4, 3, 3), ('NCW', 'OIW', 'NCW'), {}),
+  'nhwc-strided': (
+    (2, 7, 6, 3),
+    (3, 2, 3, 5),
+    ('NHWC', 'HWIO', 'NHWC'),
+    {'window_strides': (2, 1)},
+  ),
+  'nchw-dilated': (
+    (2, 3, 7, 6),
+    (5, 3, 3, 2),
+    ('NCHW', 'OIHW', 'NCHW'),
+    {'rhs_dilation': (2, 1), 'lhs_dilation': (1, 2), 'padding': ((1, 1), (0, 2))},
+  ),
+  'grouped': ((2, 8, 4), (3, 2, 6), ('NWC', 'WIO', 'NWC'), {'feature_group_count': 2}),
+  'depthwise-nchw': (
+    (2, 4, 6, 5),
+    (4, 1, 3, 3),
+    ('NCHW', 'OIHW', 'NCHW'),
+    {'feature_group_count': 4},
+  ),
+}
+
+
+def _operands(name):
+  x_shape, k_shape, dims, kwargs = CONVS[name]
+  kx, kk = jax.random.split(jax.random.key(len(name)))
+  x, k = jax.random.normal(kx, x_shape), jax.random.normal(kk, k_shape)
+  loss = lambda x, k: jnp.sum(jnp.sin(_conv(x, k, dims, **kwargs)))
+  return x, k, loss
+
+
+def _dim_labels(hlo_text):
+  return re.findall(r'dim_labels=(\S+?)[,}\s]', hlo_text)
+
+
+def _compiled_convolutions(fn, *args):
+  labels = _dim_labels(jax.jit(fn).lower(*args).compile().as_text())
+  assert labels, 'no convolution in the compiled program'
+  return labels
+
+
+def _in_cond(fn):
+  """``fn`` in the taken branch of a conditional (the other branch gives zeros)."""
+  zeros = lambda *a: jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, *a))
+  return lambda flag, *a: lax.cond(flag, fn, zeros, *a)
+
+
+@pytest.mark.parametrize('name', CONVS)
+def test_values_equal_the_function_s_forward_and_gradients(name):
+  x, k, loss = _operands(name)
+  for fn in (loss, jax.grad(loss, argnums=(0, 1))):
+    want = fn(x, k)
+    got = jax.jit(_in_cond(cpu_convolutions.canonical(fn)))(True, x, k)
+    np.testing.assert_allclose(
+      np.concatenate([np.ravel(a) for a in jax.tree.leaves(got)]),
+      np.concatenate([np.ravel(a) for a in jax.tree.leaves(want)]),
+      rtol=1e-5,
+      atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize('name', ['nwc', 'nhwc-strided', 'ncw'])
+def test_every_convolution_of_a_gradient_in_a_conditional_is_canonical(name):
+  x, k, loss = _operands(name)
+  grad = jax.grad(loss, argnums=(0, 1))
+  labels = _compiled_convolutions(_in_cond(cpu_convolutions.canonical(grad)), True, x, k)
+  assert set(labels) <= CANONICAL, labels
+  # Without the rewrite the gradient's convolutions keep their order in the branch (the XLA:CPU
+  # behaviour this module works around; if this fails, XLA canonicalizes branches itself now).
+  assert not set(_compiled_convolutions(_in_cond(grad), True, x, k)) <= CANONICAL
+
+
+def test_jitted_calls_are_inlined_and_effects_kept():
+  x, k, loss = _operands('ncw')
+  calls = []
+
+  def fn(x, k):
+    jax.debug.callback(lambda: calls.append(1))
+    return jax.jit(jax.grad(loss, argnums=1))(x, k)
+
+  step = jax.jit(_in_cond(cpu_convolutions.canonical(fn)))
+  assert set(_compiled_convolutions(_in_cond(cpu_convolutions.canonical(fn)), True, x, k)) <= (
+    CANONICAL
+  )
+  for flag in (True, False, True):
+    jax.block_until_ready(step(flag, x, k))
+  jax.effects_barrier()
+  assert len(calls) == 2
+  np.testing.assert_allclose(step(True, x, k), jax.grad(loss, argnums=1)(x, k), rtol=1e-5)
+
+
+def test_pytrees_keyword_arguments_closures_and_differentiation():
+  x, k, loss = _operands('nhwc-strided')
+
+  @jax.jit
+  def outer(x, k, scale):  # the function closes over a traced ``scale``
+    fn = lambda params, *, offset: {'y': scale * loss(params['x'], params['k']) + offset}
+    return cpu_convolutions.canonical(fn)({'x': x, 'k': k}, offset=1.0)['y']
+
+  np.testing.assert_allclose(outer(x, k, 2.0), 2.0 * loss(x, k) + 1.0, rtol=1e-5)
+  np.testing.assert_allclose(
+    jax.grad(outer, argnums=1)(x, k, 2.0),
+    2.0 * jax.grad(loss, argnums=1)(x, k),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+
+
+def _exported_dimension_numbers(fn, platform, *args):
+  text = export.export(jax.jit(fn), platforms=[platform])(*args).mlir_module()
+  return re.findall(r'dim_numbers = (\[[^\]]*\]x\[[^\]]*\]->\[[^\]]*\])', text)
+
+
+def test_only_cpu_lowering_is_rewritten():
+  x, k, loss = _operands('nwc')
+  grad = jax.grad(loss, argnums=1)
+  rewritten = cpu_convolutions.canonical(grad)
+  assert (
+    _exported_dimension_numbers(rewritten, 'cpu', x, k) == ['[b, 0, f]x[0, i, o]->[b, 0, f]'] * 2
+  )
+  on_gpu = _exported_dimension_numbers(rewritten, 'cuda', x, k)
+  assert on_gpu == _exported_dimension_numbers(grad, 'cuda', x, k)
+  assert on_gpu != _exported_dimension_numbers(rewritten, 'cpu', x, k)
+
+
+# ------------------------------------------------------------------ where optax_sam uses it
+
+
+def _cnn():
+  """A two-layer 1-D CNN's params, a batch, and the gradient of its loss(params, batch)."""
+  k1, k2, kd, kx, ky = jax.random.split(jax.random.key(0), 5)
+  params = {
+    'conv_0': 0.3 * jax.random.normal(k1, (3, 2, 4)),
+    'conv_1': 0.3 * jax.random.normal(k2, (3, 4, 4)),
+    'dense': 0.3 * jax.random.normal(kd, (4,)),
+  }
+  batch = (jax.random.normal(kx, (8, 12, 2)), jax.random.normal(ky, (8,)))
+
+  def loss(p, batch):
+    x, y = batch
+    h = jax.nn.relu(_conv(x, p['conv_0'], ('NWC', 'WIO', 'NWC')))
+    h = jax.nn.relu(_conv(h, p['conv_1'], ('NWC', 'WIO', 'NWC')))
+    return jnp.mean((jnp.mean(h, axis=1) @ p['dense'] - y) ** 2)
+
+  return params, batch, loss
+
+
+@pytest.mark.parametrize(
+  'case', ['every', 'look_sam', 'micro_batches-scan', 'micro_batches-scan-every', 'accumulated']
+)
+def test_the_second_gradient_s_convolutions_are_canonical_where_sam_runs_them_in_control_flow(
+  case, monkeypatch
+):
+  params, batch, loss = _cnn()
+  grad = jax.grad(loss)
+  base = optax.sgd(0.1, momentum=0.9)
+  tx = {
+    'every': optax_sam.sam(base, rho=0.05, when=optax_sam.every(2)),
+    'look_sam': optax_sam.look_sam(base, rho=0.05, k=2),
+    'micro_batches-scan': optax_sam.sam(base, rho=0.05),
+    'micro_batches-scan-every': optax_sam.sam(base, rho=0.05, when=optax_sam.every(2)),
+    'accumulated': optax_sam.sam(base, rho=0.05),
+  }[case]
+  state = tx.init(params)
+
+  def new_step():  # a new function each time: jit caches traces by function
+    def step(params, state, batch):
+      if case.startswith('micro_batches'):
+        groups = optax_sam.micro_batches(grad, batch, group_size=4)
+        return tx.update(None, state, params, grad_fn=groups)
+      if case == 'accumulated':
+        acc = optax_sam.accumulated_grad_fn(grad, batch, micro_batch_size=4)
+        return tx.update(acc(params), state, params, grad_fn=acc)
+      grad_fn = lambda p: grad(p, batch)
+      return tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+
+    return step
+
+  assert set(_compiled_convolutions(new_step(), params, state, batch)) <= CANONICAL
+  if case in ('every', 'look_sam'):  # and the step equals the one without the rewrite
+    with_rewrite = jax.jit(new_step())(params, state, batch)
+    monkeypatch.setattr(cpu_convolutions, 'canonical', lambda fn: fn)
+    assert not set(_compiled_convolutions(new_step(), params, state, batch)) <= CANONICAL
+    without = jax.jit(new_step())(params, state, batch)
+    assert helpers.max_diff(with_rewrite, without) < 1e-6
+
+
+@pytest.mark.parametrize('estimator', ['eigenvalues', 'trace', 'worst_case', 'chunked'])
+def test_the_sharpness_estimators_loops_run_canonical_convolutions(estimator):
+  params, batch, loss = _cnn()
+  key = jax.random.key(1)
+  run = {
+    'eigenvalues': lambda p, b: sharpness.hessian_eigenvalues(loss, p, b, key=key, num_steps=3),
+    'trace': lambda p, b: sharpness.hessian_trace(loss, p, b, key=key, num_probes=4),
+    'worst_case': lambda p, b: sharpness.worst_case_sharpness(
+      loss, p, b, key=key, rho=0.05, num_steps=2
+    ),
+    'chunked': lambda p, b: sharpness.hessian_eigenvalues(
+      loss, p, b, key=key, num_steps=3, num_chunks=2
+    ),
+  }[estimator]
+  assert set(_compiled_convolutions(run, params, batch)) <= CANONICAL
