@@ -4,7 +4,7 @@ XLA:CPU runs a convolution on its fast (Eigen) kernels only when the input is
 laid out batch-spatial-feature and the kernel spatial-in-out. Its compiler
 rewrites other convolutions into that form with transposes, but only in the
 program's top level: a convolution inside a ``lax.cond`` branch or a loop body
-keeps its dimension order and runs on a generic loop about 30 times slower. The
+keeps its dimension order and runs on a generic loop 30 to 40 times slower. The
 gradients of a convolution (``jax.grad`` transposes it) are never in that order,
 so SAM's second gradient under ``when=`` would cost many plain steps on CPU.
 

@@ -108,10 +108,11 @@ def hessian_eigenvalues(
     num_chunks: evaluate each product over this many chunks of ``batch``
       (static), so that memory does not grow with the batch.
     unroll: unroll the Lanczos loop and the residuals' products (static).
-      XLA's CPU backend runs convolutions inside a loop body many times
-      slower than outside one (measured 35x on the example's 1-D CNN), so
-      on CPU unroll for convolutional models; it costs compile time
-      roughly linear in ``num_steps`` and changes no result.
+      It changes no result and costs compile time roughly linear in
+      ``num_steps``. The products already run with their convolutions in
+      XLA:CPU's fast order inside the loop, so on CPU the loop is as fast
+      (the example's CNN, 10 steps: 1.10 s looped, 1.07 s unrolled, after
+      compiling for 13.5 s and 71 s).
 
   Returns:
     A :class:`HessianEigenvalues`.

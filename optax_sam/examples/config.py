@@ -172,9 +172,9 @@ class Config:
     accumulate: compute both gradients of a step over this many micro-batches,
       one perturbation for the whole batch
       (:func:`optax_sam.accumulated_grad_fn`); must divide ``batch_size``.
-    group_route: how ``m_sharpness`` runs its groups, ``vmap`` (side by side;
-      the faster one for this CNN on CPU) or ``scan`` (one after another;
-      memory independent of the number of groups).
+    group_route: how ``m_sharpness`` runs its groups, ``scan`` (one after
+      another; memory independent of the number of groups, and the faster one
+      for this CNN on CPU) or ``vmap`` (side by side).
   """
 
   optimizer: str = 'sam'
@@ -202,7 +202,7 @@ class Config:
   sharpness_every: int = 0
   m_sharpness: Optional[int] = None
   accumulate: Optional[int] = None
-  group_route: str = 'vmap'
+  group_route: str = 'scan'
 
   @property
   def spec(self) -> OptimizerSpec:
@@ -291,7 +291,7 @@ def _check_micro_batches(config: Config, spec: OptimizerSpec) -> None:
     raise ConfigError(
       f'--m-sharpness perturbs groups for the second gradient; {spec.name} takes none'
     )
-  if config.group_route != 'vmap' and config.m_sharpness is None:
+  if config.group_route != Config.group_route and config.m_sharpness is None:
     raise ConfigError('--group-route applies to --m-sharpness only')
 
 

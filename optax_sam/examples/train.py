@@ -288,7 +288,7 @@ def measure_sharpness(
   batch_loss = lambda m, batch: loss_fn(m, *batch)[0]
   loss_of_params, params = optax_sam.flax.nnx_loss_fn(batch_loss, model, train=False)
   top = sharpness.hessian_eigenvalues(
-    loss_of_params, params, (x, y), key=key, k=1, num_steps=num_steps, unroll=True
+    loss_of_params, params, (x, y), key=key, k=1, num_steps=num_steps
   )
   sam = sharpness.sam_sharpness(loss_of_params, params, (x, y), rho=SHARPNESS_RHO)
   return {
