@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax import export, lax
+from jax import lax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import optax_sam
 from optax_sam import sharpness
@@ -15,7 +17,7 @@ from optax_sam._src import cpu_convolutions
 from tests import helpers
 
 # XLA:CPU's canonical order: batch-spatial-feature input and output, spatial-in-out kernel.
-CANONICAL = {'b0f_0io->b0f', 'b01f_01io->b01f'}
+CANONICAL = {'b0f_0io->b0f', 'b01f_01io->b01f', 'b012f_012io->b012f'}
 
 
 def _conv(x, k, dimension_numbers, **kwargs):
@@ -24,8 +26,9 @@ def _conv(x, k, dimension_numbers, **kwargs):
   return lax.conv_general_dilated(x, k, dimension_numbers=dimension_numbers, **kwargs)
 
 
-# (input shape, kernel shape, dimension numbers, options): 1-D and 2-D, channels first and
-# last, strides, dilations, grouped and depthwise (whose gradients have batch_group_count > 1).
+# (input shape, kernel shape, dimension numbers, options): 1-D, 2-D and 3-D, channels first,
+# last and mixed, strides, dilations, grouped and depthwise (whose gradients have
+# batch_group_count > 1).
 CONVS = {
   'nwc': ((2, 9, 3), (3, 3, 4), ('NWC', 'WIO', 'NWC'), {}),
   'ncw': ((2, 3, 9), (4, 3, 3), ('NCW', 'OIW', 'NCW'), {}),
@@ -42,6 +45,9 @@ CONVS = {
     {'rhs_dilation': (2, 1), 'lhs_dilation': (1, 2), 'padding': ((1, 1), (0, 2))},
   ),
   'grouped': ((2, 8, 4), (3, 2, 6), ('NWC', 'WIO', 'NWC'), {'feature_group_count': 2}),
+  'mixed-orders': ((2, 3, 7, 6), (3, 2, 3, 5), ('NCHW', 'HWIO', 'NHWC'), {}),
+  'cnw': ((3, 2, 9), (3, 3, 4), ('CNW', 'WIO', 'WNC'), {}),
+  'ndhwc-3d': ((2, 5, 4, 3, 2), (2, 2, 2, 2, 3), ('NDHWC', 'DHWIO', 'NDHWC'), {}),
   'depthwise-nchw': (
     (2, 4, 6, 5),
     (4, 1, 3, 3),
@@ -136,21 +142,45 @@ def test_pytrees_keyword_arguments_closures_and_differentiation():
   )
 
 
-def _exported_dimension_numbers(fn, platform, *args):
-  text = export.export(jax.jit(fn), platforms=[platform])(*args).mlir_module()
-  return re.findall(r'dim_numbers = (\[[^\]]*\]x\[[^\]]*\]->\[[^\]]*\])', text)
-
-
-def test_only_cpu_lowering_is_rewritten():
-  x, k, loss = _operands('nwc')
+def test_other_backends_call_the_function_itself(monkeypatch):
+  x, k, loss = _operands('ncw')
   grad = jax.grad(loss, argnums=1)
-  rewritten = cpu_convolutions.canonical(grad)
-  assert (
-    _exported_dimension_numbers(rewritten, 'cpu', x, k) == ['[b, 0, f]x[0, i, o]->[b, 0, f]'] * 2
+  text = lambda fn: str(jax.make_jaxpr(fn)(x, k))
+  assert text(cpu_convolutions.canonical(grad)) != text(grad)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert text(cpu_convolutions.canonical(grad)) == text(grad)
+
+
+def test_static_leaves_reach_the_function_as_they_are():
+  x, k, loss = _operands('nwc')
+
+  def fn(params, batch):
+    scale = 0.5 if batch['train'] else 2.0  # a Python flag and a Python int in the batch
+    return scale * loss(batch['x'][:, : batch['n']], params)
+
+  batch = {'x': x, 'train': True, 'n': 7, 'name': 'digits', 'mask': np.ones(3)}
+  got = jax.jit(lambda k: cpu_convolutions.canonical(fn)(k, batch))(k)
+  np.testing.assert_allclose(got, fn(k, batch), rtol=1e-5)
+  trace = sharpness.hessian_trace(fn, k, batch, key=jax.random.key(0), num_probes=2)
+  assert np.isfinite(trace.estimate)
+
+
+def test_explicit_output_shardings_and_sharded_jit_calls_are_kept():
+  if not hasattr(jax, 'set_mesh') or jax.device_count() < 2:
+    pytest.skip('needs jax.set_mesh and 2 devices')
+  mesh = jax.make_mesh((2,), ('x',), axis_types=(AxisType.Explicit,))
+  x, k = jnp.ones((2, 4, 8)), jnp.ones((4, 4, 3))
+  conv = lambda x, k: lax.conv_general_dilated(
+    x, k, (1,), 'SAME', dimension_numbers=('NCW', 'OIW', 'NCW'), out_sharding=P(None, 'x', None)
   )
-  on_gpu = _exported_dimension_numbers(rewritten, 'cuda', x, k)
-  assert on_gpu == _exported_dimension_numbers(grad, 'cuda', x, k)
-  assert on_gpu != _exported_dimension_numbers(rewritten, 'cpu', x, k)
+  inner = jax.jit(lambda a: 2 * a, out_shardings=NamedSharding(mesh, P('x')))
+  with jax.set_mesh(mesh):
+    x, k = jax.device_put(x, P()), jax.device_put(k, P())
+    assert jax.typeof(jax.jit(cpu_convolutions.canonical(conv))(x, k)) == jax.typeof(
+      jax.jit(conv)(x, k)
+    )
+  sharded = lambda fn: jax.jit(fn).lower(jnp.ones(8)).compile().output_shardings
+  assert sharded(cpu_convolutions.canonical(inner)) == sharded(inner)
 
 
 # ------------------------------------------------------------------ where optax_sam uses it
@@ -207,16 +237,15 @@ def test_the_second_gradient_s_convolutions_are_canonical_where_sam_runs_them_in
     return step
 
   assert set(_compiled_convolutions(new_step(), params, state, batch)) <= CANONICAL
-  if case in ('every', 'look_sam'):  # and the step equals the one without the rewrite
-    with_rewrite = jax.jit(new_step())(params, state, batch)
-    monkeypatch.setattr(cpu_convolutions, 'canonical', lambda fn: fn)
-    assert not set(_compiled_convolutions(new_step(), params, state, batch)) <= CANONICAL
-    without = jax.jit(new_step())(params, state, batch)
-    assert helpers.max_diff(with_rewrite, without) < 1e-6
+  with_rewrite = jax.jit(new_step())(params, state, batch)
+  # Without the rewrite: convolutions out of order, and the same step.
+  monkeypatch.setattr(cpu_convolutions, 'canonical', lambda fn: fn)
+  assert not set(_compiled_convolutions(new_step(), params, state, batch)) <= CANONICAL
+  assert helpers.max_diff(with_rewrite, jax.jit(new_step())(params, state, batch)) < 1e-6
 
 
 @pytest.mark.parametrize('estimator', ['eigenvalues', 'trace', 'worst_case', 'chunked'])
-def test_the_sharpness_estimators_loops_run_canonical_convolutions(estimator):
+def test_the_sharpness_estimators_loops_run_canonical_convolutions(estimator, monkeypatch):
   params, batch, loss = _cnn()
   key = jax.random.key(1)
   run = {
@@ -230,3 +259,30 @@ def test_the_sharpness_estimators_loops_run_canonical_convolutions(estimator):
     ),
   }[estimator]
   assert set(_compiled_convolutions(run, params, batch)) <= CANONICAL
+  with_rewrite = jax.jit(run)(params, batch)
+  monkeypatch.setattr(cpu_convolutions, 'canonical', lambda fn: fn)
+  again = lambda p, b: run(p, b)  # a new function, traced anew
+  assert not set(_compiled_convolutions(again, params, batch)) <= CANONICAL
+  without = jax.jit(again)(params, batch)
+  for a, b in zip(jax.tree.leaves(with_rewrite), jax.tree.leaves(without), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_the_rewrite_traces_grad_fn_no_more_often(monkeypatch):
+  params, batch, loss = _cnn()
+  tx = optax_sam.sam(optax.sgd(0.1), rho=0.05, when=optax_sam.every(2))
+
+  def traces():
+    count = []
+
+    def grad(p, b):
+      count.append(1)  # Python runs once per trace
+      return jax.grad(loss)(p, b)
+
+    acc = optax_sam.accumulated_grad_fn(grad, batch, micro_batch_size=4)
+    jax.jit(lambda p, s: tx.update(acc(p), s, p, grad_fn=acc)).lower(params, tx.init(params))
+    return len(count)
+
+  rewritten = traces()
+  monkeypatch.setattr(cpu_convolutions, 'canonical', lambda fn: fn)
+  assert rewritten == traces()

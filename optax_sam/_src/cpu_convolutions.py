@@ -11,10 +11,11 @@ so SAM's second gradient under ``when=`` would cost many plain steps on CPU.
 :func:`canonical` does the compiler's rewrite itself, on the
 function's jaxpr: every convolution becomes transposes around a convolution in
 the canonical order. The result is the same computation (transposes are exact);
-only CPU lowering uses it (``lax.platform_dependent``), other backends get the
+it applies when JAX's default backend is the CPU, and other backends get the
 function unchanged.
 """
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -25,32 +26,38 @@ import numpy as np
 from jax import lax
 
 _conv_p = jex.primitives.conv_general_dilated_p
-_inlined = (jex.primitives.jit_p, jex.primitives.closed_call_p)
+_jit_p = jex.primitives.jit_p
 
 
 def canonical(fn: Callable[..., Any]) -> Callable[..., Any]:
   r"""``fn`` with its convolutions in the order XLA:CPU runs fast, on CPU only.
 
   Each ``lax.conv_general_dilated`` in ``fn`` (also inside ``jax.jit``-wrapped
-  calls, which are inlined) with input dimensions other than
-  batch-spatial-feature, kernel dimensions other than spatial-in-out, or output
-  dimensions other than batch-spatial-feature runs as
+  calls without shardings of their own, which are inlined) with input
+  dimensions other than batch-spatial-feature, kernel dimensions other than
+  spatial-in-out, or output dimensions other than batch-spatial-feature runs as
 
   .. math::
 
     y = P_{out}^{-1}\big(\mathrm{conv}(P_{in}(x), P_{kernel}(k))\big),
 
   with :math:`P` the transposes into the canonical orders, the rewrite XLA:CPU
-  applies itself only outside control flow. Other operations, and higher-order
-  ones (``lax.cond``, loops, ``jax.checkpoint``, custom derivatives), are bound
-  unchanged. The values are those of ``fn``.
+  applies itself only outside control flow. Left as they are: convolutions
+  with an explicit ``out_sharding``, those inside ``jax.jit`` calls that set
+  shardings, and those inside higher-order operations (``lax.cond``, loops,
+  ``jax.checkpoint``, custom derivatives), which are bound unchanged. The
+  values are those of ``fn``.
 
   Args:
-    fn: a function of arrays (any pytrees in and out), traceable by JAX.
+    fn: a function returning a pytree of arrays. Its arguments may be any
+      pytrees: their ``jax.Array`` leaves are traced, the other leaves (Python
+      numbers and flags, NumPy arrays, strings) reach ``fn`` as they are.
 
   Returns:
-    A function with ``fn``'s signature. On CPU it evaluates the rewritten jaxpr;
-    on other platforms it is ``fn`` (``lax.platform_dependent`` picks at lowering).
+    A function with ``fn``'s signature. When JAX's default backend is the CPU
+    it evaluates the rewritten jaxpr (tracing ``fn`` once, as a call of ``fn``
+    does); otherwise it calls ``fn``, so GPU and TPU programs, and their
+    tracing time, are unchanged.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -65,17 +72,39 @@ def canonical(fn: Callable[..., Any]) -> Callable[..., Any]:
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
-    return lax.platform_dependent(
-      args, kwargs, cpu=lambda a, kw: _rewritten(fn, a, kw), default=lambda a, kw: fn(*a, **kw)
-    )
+    if jax.default_backend() != 'cpu':
+      return fn(*args, **kwargs)
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    traced = [isinstance(leaf, jax.Array) for leaf in leaves]
+
+    def call(arrays):
+      arrays = iter(arrays)
+      full = [next(arrays) if t else leaf for leaf, t in zip(leaves, traced, strict=True)]
+      a, kw = jax.tree.unflatten(treedef, full)
+      return fn(*a, **kw)
+
+    arrays = [leaf for leaf, t in zip(leaves, traced, strict=True) if t]
+    closed, out_shape = jax.make_jaxpr(call, return_shape=True)(arrays)
+    flat = _evaluate(closed.jaxpr, closed.consts, arrays)
+    return jax.tree.unflatten(jax.tree.structure(out_shape), flat)
 
   return wrapped
 
 
-def _rewritten(fn, args, kwargs):
-  closed, out_shape = jax.make_jaxpr(lambda a, kw: fn(*a, **kw), return_shape=True)(args, kwargs)
-  flat = _evaluate(closed.jaxpr, closed.consts, jax.tree.leaves((args, kwargs)))
-  return jax.tree.unflatten(jax.tree.structure(out_shape), flat)
+def _is_unspecified(shardings: Any) -> bool:
+  # jit's placeholder for "no sharding given" (jax._src.sharding_impls.UnspecifiedValue)
+  return all(type(s).__name__ == 'UnspecifiedValue' for s in shardings)
+
+
+def _inlinable(eqn: jex.JaxprEqn) -> bool:
+  """A ``jax.jit`` call that sets no shardings: inlining it changes nothing but the convolutions."""
+  params = eqn.params
+  return (
+    eqn.primitive is _jit_p
+    and isinstance(params.get('jaxpr'), jex.ClosedJaxpr)
+    and _is_unspecified(params.get('in_shardings', ()))
+    and _is_unspecified(params.get('out_shardings', ()))
+  )
 
 
 def _evaluate(jaxpr: jex.Jaxpr, consts: list, args: list) -> list:
@@ -91,19 +120,21 @@ def _evaluate(jaxpr: jex.Jaxpr, consts: list, args: list) -> list:
     env[var] = value
   for eqn in jaxpr.eqns:
     invals = [read(v) for v in eqn.invars]
-    if eqn.primitive is _conv_p:
-      outvals = [_canonical_convolution(*invals, **eqn.params)]
-    elif eqn.primitive in _inlined and isinstance(eqn.params.get('jaxpr'), jex.ClosedJaxpr):
-      inner = eqn.params['jaxpr']
-      outvals = _evaluate(inner.jaxpr, inner.consts, invals)
-    else:
-      bound = eqn.primitive.get_bind_params(eqn.params)
-      # (subfuns, params) before jax 0.9, params since
-      subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
-      with eqn.ctx.manager:
-        outvals = eqn.primitive.bind(*subfuns, *invals, **params)
-      if not eqn.primitive.multiple_results:
-        outvals = [outvals]
+    name = str(eqn.source_info.name_stack)  # the user's jax.named_scope s, kept in the HLO
+    with jax.named_scope(name) if name else contextlib.nullcontext():
+      if eqn.primitive is _conv_p and eqn.params.get('out_sharding') is None:
+        outvals = [_canonical_convolution(*invals, **eqn.params)]
+      elif _inlinable(eqn):
+        inner = eqn.params['jaxpr']
+        outvals = _evaluate(inner.jaxpr, inner.consts, invals)
+      else:
+        bound = eqn.primitive.get_bind_params(eqn.params)
+        # (subfuns, params) before jax 0.9, params since
+        subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
+        with eqn.ctx.manager:
+          outvals = eqn.primitive.bind(*subfuns, *invals, **params)
+        if not eqn.primitive.multiple_results:
+          outvals = [outvals]
     for var, value in zip(eqn.outvars, outvals, strict=True):
       env[var] = value  # a dropped output (DropVar) is written and never read
   return [read(v) for v in jaxpr.outvars]
