@@ -370,7 +370,9 @@ def test_linen_two_phase_recipe_matches_one_call(batch):
     two, loss_two = linen_two_phase_step(two, x, y, key)
     np.testing.assert_allclose(float(loss_two), float(loss_one), rtol=1e-5)
   assert_trees_close(two.params, one.params, rtol=1e-5, atol=1e-6)
-  assert_trees_equal(two.batch_stats, one.batch_stats)
+  # The clean pass's statistics in both (the perturbed pass's differ by far more): two compiled
+  # programs may round the batch mean differently (1 ulp on jax 0.10.0, equal on 0.10.2).
+  assert_trees_close(two.batch_stats, one.batch_stats, rtol=1e-6, atol=1e-8)
   assert int(two.step) == 6 and int(one.step) == 3  # apply_gradients counts both calls
   assert not bool(optax_sam.is_perturbed(two.opt_state))
 
