@@ -338,14 +338,14 @@ def sharpness_aware(
     # The conditional returns only the gradient for the base optimizer and the small states: the
     # base update runs once, after it, so that its outputs can reuse the donated buffers.
     base_state = state.base_state
+    # grad_fn runs inside the SAM branch, where XLA:CPU leaves convolutions in their slow order.
+    sam_gradient = cpu_convolutions.canonical(sam_gradient)
     g, state = jax.lax.cond(is_sam, sam_gradient, plain, state._replace(base_state=None))
     return finish(g, state._replace(base_state=base_state), params, extra)
 
   def one_call_step(grads, state, params, grad_fn, extra, axes):
     """A one-call step of one member (the whole step, or a device's, or a group's share)."""
     wide_grads = widen(grads, params)
-    if when is not None:  # grad_fn runs in a conditional branch
-      grad_fn = cpu_convolutions.canonical(grad_fn)
 
     def sam_gradient(state):
       """The SAM gradient and the state after it, all but the base optimizer's update."""
@@ -391,15 +391,14 @@ def sharpness_aware(
       )
     num_groups = jax.tree.leaves(batches.groups)[0].shape[0]
     keep_prepared = correction.remember is not None
-    group_grad = cpu_convolutions.canonical(batches.grad_fn)  # it runs in a scan
 
     def clean_gradient(group):
-      return widen(group_grad(params, group), params)
+      return widen(batches.grad_fn(params, group), params)
 
     def group_terms(group):
       """A group's clean gradient and its SAM terms (F-SAM's ``e`` needs only the group's own)."""
       g = clean_gradient(group)
-      grad_fn = lambda p: group_grad(p, group)
+      grad_fn = lambda p: batches.grad_fn(p, group)
       g_sam, prepared, stats, _ = member_gradient(g, g, state, params, grad_fn, _Axes(None, True))
       return g, g_sam, prepared if keep_prepared else optax.EmptyState(), stats
 
@@ -408,8 +407,10 @@ def sharpness_aware(
       shapes = jax.eval_shape(terms_of_group, micro_batches_lib.one_group_shape(batches.groups))
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
+      terms = cpu_convolutions.canonical(terms_of_group)  # the group's gradients, in a scan
+
       def body(total, group):
-        return jax.tree.map(jnp.add, total, terms_of_group(group)), None
+        return jax.tree.map(jnp.add, total, terms(group)), None
 
       total, _ = jax.lax.scan(body, zeros, batches.groups)
       return _average(jax.tree.map(lambda t: t / num_groups, total), axis_name)
