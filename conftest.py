@@ -23,3 +23,24 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='optax_sam_jax_cache_')
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], True)
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+    'markers',
+    'devices(n): needs n devices of the default backend (here 8 fake CPU devices; on a machine '
+    'with fewer, such as one GPU with JAX_PLATFORMS=cuda, the test is skipped)',
+  )
+
+
+def pytest_runtest_setup(item):
+  marker = item.get_closest_marker('devices')
+  if marker is not None:
+    import jax  # noqa: PLC0415 - after XLA_FLAGS and JAX_PLATFORMS above are set
+
+    if jax.device_count() < marker.args[0]:
+      import pytest  # noqa: PLC0415
+
+      pytest.skip(
+        f'needs {marker.args[0]} devices, {jax.default_backend()} has {jax.device_count()}'
+      )

@@ -311,6 +311,7 @@ def test_minimizes_a_quadratic():
     assert float(loss(got)) < 1e-3
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize('name', sorted(ALIASES))
 @pytest.mark.parametrize('two_phase', [False, True], ids=['one_call', 'two_phase'])
 def test_eager_init_state_shardings_follow_params(name, two_phase):

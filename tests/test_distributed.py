@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 import optax_sam
 
 N = 8  # devices
+pytestmark = pytest.mark.devices(N)
 PER_DEVICE = 2  # examples per device
 LR, MOMENTUM, STEPS = 0.1, 0.9, 3
 AXIS = 'data'

@@ -88,6 +88,7 @@ def test_one_device_groups_equal_the_per_device_reference(name, route):
   td._assert_close(params, td._reference(name, local=True), tol=3e-6)
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize('name', td.VARIANTS)
 def test_eight_devices_one_device_and_two_devices_take_the_same_step(name):
   """8 devices (local_perturbation=True), 1 device x 8 groups, 2 devices x 4 groups."""
@@ -98,6 +99,7 @@ def test_eight_devices_one_device_and_two_devices_take_the_same_step(name):
   td._assert_close(_two_devices(name, 'scan'), expected, tol=3e-6)
 
 
+@pytest.mark.devices(2)
 def test_two_devices_vmap_route_composes_with_the_device_axis():
   expected = _one_device('fsam_stable', 'scan')
   td._assert_close(_two_devices('fsam_stable', 'vmap'), expected, tol=3e-6)

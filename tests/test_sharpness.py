@@ -479,6 +479,7 @@ def test_chunked_equals_unchunked():
     hvp_lib.loss(loss, params, (batch[0], 1.0), 2)
 
 
+@pytest.mark.devices(8)
 def test_sharded_batch_on_8_devices_equals_one_device():
   """Every measure under jit with the batch split over 8 devices (and in 2 chunks)."""
   assert jax.device_count() == 8

@@ -187,6 +187,7 @@ def test_statistics_on_cost_no_parameter_sized_memory():
   assert extra <= 2.2 * param_bytes, (extra, param_bytes)
 
 
+@pytest.mark.devices(8)
 def test_local_perturbation_statistics_are_the_device_average():
   n = 8
   params, loss, _ = helpers.problem()

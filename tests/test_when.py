@@ -280,6 +280,7 @@ def _stack(tree):
   return jax.tree.map(lambda a: np.broadcast_to(np.asarray(a), (N,) + np.shape(a)), tree)
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize('local', [False, True])
 @pytest.mark.parametrize('policy', ['ae_sam', 'random', 'look_sam'])
 def test_every_device_takes_the_same_branch(policy, local):
