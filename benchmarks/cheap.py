@@ -4,6 +4,7 @@ Run from the repository root::
 
   python -m benchmarks.cheap                 # MLP and 1-D CNN, ~2 min per model
   python -m benchmarks.cheap --quick         # tiny models, a few rounds (checks the script)
+  python -m benchmarks.cheap --models resnet18 --out DIR   # on a GPU: ResNet-18 at batch 128
 
 Cases, all with :func:`benchmarks.cases.base_optimizer` (SGD with momentum):
 
@@ -12,7 +13,12 @@ Cases, all with :func:`benchmarks.cases.base_optimizer` (SGD with momentum):
 * ``when/plain``: ``sam(..., when=after(10**9))``, so every step is a plain one;
 * ``when/every(5)``: ``sam(..., when=every(5))``, timed over multiples of 5 steps;
 * ``look_sam(k=5)``: LookSAM, timed over multiples of 5 steps;
-* ``momentum_sam``: Momentum-SAM (one gradient per step).
+* ``momentum_sam``: Momentum-SAM (one gradient per step);
+* ``base+norm(v)``: the base step that also computes the global norm of its new
+  momentum and nothing else of Momentum-SAM (no target): the one reduction
+  Momentum-SAM's definition adds, so the floor under which no implementation of
+  it can go on a compiler that does not fuse that norm into the momentum update
+  (XLA:CPU does not).
 
 Each case is compiled once with donated arguments (``memory_analysis()`` gives
 its argument and temporary bytes), warmed up, then timed in interleaved rounds
@@ -22,12 +28,18 @@ interval; the script prints PASS/MISS for each target and writes
 ``cheap.json`` and ``cheap.md`` into ``--out``.
 """
 
+from typing import NamedTuple
+
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 import optax_sam
 from benchmarks import cases as cases_lib
 from benchmarks import models, run
+from optax_sam._src import momentum_sam as momentum_sam_lib
+from optax_sam._src import numerics
 
 TARGETS = {  # case: the largest allowed ratio of its time per step to the base step's
   'when/plain': 1.03,
@@ -36,6 +48,30 @@ TARGETS = {  # case: the largest allowed ratio of its time per step to the base 
   'momentum_sam': 1.05,
 }
 PERIOD = 5
+
+
+class _NormState(NamedTuple):
+  norm: jax.Array
+  base_state: optax.OptState
+
+
+def momentum_norm(base: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``base``, whose state also keeps the global norm of its new momentum.
+
+  The norm is computed as :func:`optax_sam.momentum_sam` computes it and kept in
+  the state (so the compiler cannot drop it); the updates are the base
+  optimizer's. Its cost over ``base`` is the floor of Momentum-SAM's.
+  """
+
+  def init_fn(params):
+    return _NormState(jnp.zeros([], numerics.accumulation_dtype(params)), base.init(params))
+
+  def update_fn(updates, state, params=None):
+    updates, base_state = base.update(updates, state.base_state, params)
+    norm = numerics.global_norm(momentum_sam_lib.momentum(base_state))
+    return updates, _NormState(norm, base_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def build(model: models.Model) -> list:
@@ -56,6 +92,10 @@ def build(model: models.Model) -> list:
   cases.append(
     cases_lib.Case('momentum_sam', 'optax_sam', 'msam', '-', 1, msam.init, plain(model, msam), None)
   )
+  floor = momentum_norm(base)
+  cases.append(
+    cases_lib.Case('base+norm(v)', 'base', None, '-', 1, floor.init, plain(model, floor), None)
+  )
   return cases
 
 
@@ -68,6 +108,7 @@ def expected_state_bytes(name: str, param_bytes: int) -> int:
     'when/every(5)': 4,
     'look_sam(k=5)': param_bytes + 4,  # the stored direction and the count
     'momentum_sam': 4,  # the float32 scale rho / ||v||
+    'base+norm(v)': 4,  # the float32 norm
   }[name]
 
 
@@ -148,8 +189,8 @@ def markdown(results: list) -> str:
 
 def main(argv=None) -> dict:
   args = run.side_arguments(__doc__, 'benchmarks/results/cpu-cheap', argv)
-  settings = run.QUICK if args.quick else run.FULL
-  specs = run.model_specs(args.quick, resnet_batch=16)
+  settings = run.side_settings(args)
+  specs = run.model_specs(args.quick, resnet_batch=run.default_resnet_batch())
   results, lines = [], []
   for name in args.models.split(','):
     result = measure(specs[name][0], settings)

@@ -123,7 +123,7 @@ def markdown(results: list) -> str:
 
 def main(argv=None) -> dict:
   args = run.side_arguments(__doc__, 'benchmarks/results/micro-batches-cpu', argv)
-  settings = run.QUICK if args.quick else run.FULL
+  settings = run.side_settings(args)
   specs = run.model_specs(args.quick, resnet_batch=128)
   group_sizes = (2, 4) if args.quick else GROUP_SIZES  # quick models have batch 8
   results = [measure(specs[name][0], settings, group_sizes) for name in args.models.split(',')]

@@ -1,11 +1,21 @@
 """The cheaper-SAM benchmark and study in quick mode: structure and exact memory, no timing."""
 
 import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 
-from benchmarks import cheap, cheap_study, models
+from benchmarks import cheap, cheap_study, models, run
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='module')
@@ -29,6 +39,7 @@ def test_state_bytes_are_exactly_what_design_says(bench):
     'when/every(5)': 4,
     'look_sam(k=5)': p + 4,
     'momentum_sam': 4,
+    'base+norm(v)': 4,
   }
 
 
@@ -57,3 +68,46 @@ def test_study_quick_mode_end_to_end(tmp_path):
       assert 0.0 <= row['mean'] <= 1.0
   text = (tmp_path / 'cheap_study.md').read_text()
   assert text.count('| variant |') == 2 and '| momentum_sam rho=0.3 |' in text
+
+
+def test_momentum_norm_keeps_the_base_updates_and_the_norm_of_the_new_momentum():
+  base = optax.sgd(0.1, momentum=0.9)
+  tx = cheap.momentum_norm(base)
+  params = {'w': jnp.arange(6.0).reshape(2, 3), 'b': jnp.ones(3)}
+  grads = {'w': jnp.full((2, 3), 0.5), 'b': jnp.array([1.0, -2.0, 3.0])}
+  state, base_state = tx.init(params), base.init(params)
+  for _ in range(2):
+    updates, state = tx.update(grads, state, params)
+    expected, base_state = base.update(grads, base_state, params)
+    np.testing.assert_array_equal(updates['w'], expected['w'])
+  trace = base_state[0].trace  # after two steps: g + 0.9 g
+  np.testing.assert_allclose(
+    state.norm, np.sqrt(sum(np.sum(np.square(t)) for t in jax.tree.leaves(trace))), rtol=1e-6
+  )
+  np.testing.assert_allclose(state.norm, 1.9 * float(optax.tree.norm(grads)), rtol=1e-6)
+
+
+def test_side_settings_apply_the_budget():
+  parse = lambda *argv: run.side_settings(run.side_arguments('doc', 'out', list(argv)))
+  assert parse().budget_s == run.FULL.budget_s
+  assert parse('--budget', '7').budget_s == 7.0
+  assert parse('--quick') == run.QUICK
+
+
+def test_gpu_checks_script_names_what_exists_and_rejects_an_unknown_part(tmp_path):
+  script = ROOT / 'benchmarks' / 'gpu_checks.sh'
+  text = script.read_text()
+  subprocess.run(['bash', '-n', str(script)], check=True)
+  for path in re.findall(r'tests/test_\w+\.py', text):
+    assert (ROOT / path).is_file(), path
+  for module in set(re.findall(r'-m (benchmarks\.\w+)', text)):
+    assert (ROOT / (module.replace('.', '/') + '.py')).is_file(), module
+  env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+  done = subprocess.run(['bash', str(script), 'nonsense'], env=env, capture_output=True, text=True)
+  assert done.returncode == 2, done.stdout + done.stderr
+  log = (tmp_path / 'gpu_checks.log').read_text()
+  assert 'unknown part: nonsense (cheap, tests, run, micro)' in log
+  assert 'jax ' + jax.__version__ in log
+  env['PYTHON'] = 'false'  # an interpreter that cannot import JAX: nothing runs
+  done = subprocess.run(['bash', str(script), 'cheap'], env=env, capture_output=True, text=True)
+  assert done.returncode == 1 and 'nothing checked' in done.stdout
