@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks that the CPU cannot make, in one call on a machine with a GPU (its JAX, Flax and
 # Optax; the project from this checkout, not installed). Each part has a time limit, so that one
-# part that overruns leaves the others' results; the default parts stay within 9 minutes, under
-# the 10 that a lent machine allows one command.
+# part that overruns leaves the others' results; the limits of the default parts add up to 9
+# minutes, under the 10 that a lent machine allows one command.
 #
 #   OUT=DIR bash benchmarks/gpu_checks.sh [PART ...]   # default parts: cheap tests
 #   QUICK=1 TEST_PLATFORMS=cpu OUT=/tmp/g bash benchmarks/gpu_checks.sh cheap tests   # on a CPU
 #
-# Parts (results written flat into $OUT, default benchmarks/results/gpu):
+# Parts (results written into $OUT, default benchmarks/results/gpu):
 #   cheap     python -m benchmarks.cheap on the MLP and the 1-D CNN (cheap-small.{json,md}), then
 #             on ResNet-18 at batch 128 (cheap-resnet18.{json,md}): when=, LookSAM, Momentum-SAM
 #             and base+norm(v) against the base step, and the state bytes DESIGN gives.
@@ -17,7 +17,9 @@
 #   run       python -m benchmarks.run on ResNet-18 at batch 128 (benchmarks.{json,md}).
 #   micro     python -m benchmarks.micro_batches on the CNN and ResNet-18 (micro_batches.{json,md}).
 # Everything printed, the tests' output included, goes to gpu_checks.log, each part between
-# '== NAME' lines that give its exit status and time.
+# '== NAME' lines that give its exit status and time. Without QUICK the benchmarks run only on a
+# GPU (JAX_PLATFORMS=cuda): a machine whose GPU JAX cannot start fails them instead of measuring
+# its CPU. Exit status: 0 when every part passed, 1 when one failed, 2 for an unknown part.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results/gpu}
@@ -25,23 +27,42 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 quick=()
 budget=(--budget 20)
+bench_platforms=cuda
 if [[ -n ${QUICK:-} ]]; then
   quick=(--quick)
   budget=()
+  bench_platforms=${JAX_PLATFORMS:-}
 fi
 python=${PYTHON:-python3}
 log="$out/gpu_checks.log"
 status=0
+
+fail() {  # fail STATUS: the script's exit status becomes the larger of the two
+  ((status = $1 > status ? $1 : status))
+}
 
 part() {  # part NAME LIMIT_S COMMAND...: runs COMMAND within LIMIT_S seconds, logs its outcome
   local name=$1 limit=$2
   shift 2
   echo "== $name (limit ${limit} s): $*" | tee -a "$log"
   local start=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  timeout -k 15 "$limit" "$@" 2>&1 | tee -a "$log"
   local rc=${PIPESTATUS[0]}
-  echo "== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$log"
-  [[ $rc == 0 ]] || status=1
+  echo "== $name: exit $rc$([[ $rc == 124 ]] && echo ' (time limit)') after $((SECONDS - start)) s" |
+    tee -a "$log"
+  [[ $rc == 0 ]] || fail 1
+}
+
+bench() {  # bench NAME LIMIT_S ARGS...: a benchmark module, on the GPU unless QUICK is set
+  JAX_PLATFORMS=$bench_platforms part "$@"
+}
+
+flatten() {  # flatten DIR: DIR/cheap.{json,md} become DIR.{json,md}, beside the other results
+  local ext
+  for ext in json md; do
+    [[ -f $1/cheap.$ext ]] && mv "$1/cheap.$ext" "$1.$ext"
+  done
+  rmdir "$1" 2>/dev/null
 }
 
 {
@@ -58,16 +79,12 @@ fi
 for name in ${*:-cheap tests}; do
   case $name in
     cheap)
-      part cheap-small 90 "$python" -m benchmarks.cheap --models mlp,cnn "${quick[@]}" \
+      bench cheap-small 120 "$python" -m benchmarks.cheap --models mlp,cnn "${quick[@]}" \
         "${budget[@]}" --out "$out/cheap-small"
-      part cheap-resnet18 270 "$python" -m benchmarks.cheap --models resnet18 "${quick[@]}" \
+      flatten "$out/cheap-small"
+      bench cheap-resnet18 240 "$python" -m benchmarks.cheap --models resnet18 "${quick[@]}" \
         "${budget[@]}" --out "$out/cheap-resnet18"
-      for model in small resnet18; do  # flat in $OUT: a lent machine sends back 8 files at most
-        for ext in json md; do
-          [[ -f $out/cheap-$model/cheap.$ext ]] && mv "$out/cheap-$model/cheap.$ext" "$out/cheap-$model.$ext"
-        done
-        rmdir "$out/cheap-$model" 2>/dev/null
-      done
+      flatten "$out/cheap-resnet18"
       ;;
     tests)
       JAX_PLATFORMS=${TEST_PLATFORMS:-cuda} part tests 180 "$python" -m pytest -q -n 0 \
@@ -79,16 +96,16 @@ for name in ${*:-cheap tests}; do
         tests/test_contract.py
       ;;
     run)
-      part run 400 "$python" -m benchmarks.run --models resnet18 "${quick[@]}" "${budget[@]}" \
+      bench run 400 "$python" -m benchmarks.run --models resnet18 "${quick[@]}" "${budget[@]}" \
         --device-note 'lent GPU machine, benchmarks/gpu_checks.sh' --out "$out"
       ;;
     micro)
-      part micro 300 "$python" -m benchmarks.micro_batches --models cnn,resnet18 "${quick[@]}" \
+      bench micro 300 "$python" -m benchmarks.micro_batches --models cnn,resnet18 "${quick[@]}" \
         "${budget[@]}" --out "$out"
       ;;
     *)
       echo "unknown part: $name (cheap, tests, contract, run, micro)" | tee -a "$log"
-      status=2
+      fail 2
       ;;
   esac
 done

@@ -237,7 +237,7 @@ def save(out: str, stem: str, argv: Sequence[str], models: list, text: str) -> N
   """
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  env = environment(argv or [], '')
+  env = environment(argv or [], '', f'benchmarks.{stem}')
   (out / f'{stem}.json').write_text(json.dumps(dict(environment=env, models=models), indent=1))
   (out / f'{stem}.md').write_text(text)
   print(text)
@@ -489,8 +489,10 @@ def _load_average() -> Optional[list]:
     return None
 
 
-def environment(argv: Sequence[str], device_note: str) -> dict[str, Any]:
-  """Device, versions, date and the command line."""
+def environment(
+  argv: Sequence[str], device_note: str, module: str = 'benchmarks.run'
+) -> dict[str, Any]:
+  """Device, versions, date, the command line and the commit (``-dirty``: uncommitted changes)."""
   device = jax.devices()[0]
   cpu = platform.processor() or platform.machine()
   try:
@@ -507,14 +509,15 @@ def environment(argv: Sequence[str], device_note: str) -> dict[str, Any]:
     except metadata.PackageNotFoundError:
       versions[package] = None
   try:
-    commit = subprocess.run(
-      ['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    git = lambda *a: subprocess.run(['git', *a], capture_output=True, text=True, check=False)
+    commit = git('rev-parse', '--short', 'HEAD').stdout.strip()
+    if commit and git('status', '--porcelain', '--untracked-files=no').stdout.strip():
+      commit += '-dirty'
   except OSError:
     commit = ''
   return {
     'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
-    'command': shlex.join(['python', '-m', 'benchmarks.run', *argv]),
+    'command': shlex.join(['python', '-m', module, *argv]),
     'platform': device.platform,
     'device': device.device_kind,
     'device_count': jax.device_count(),

@@ -79,7 +79,7 @@ def test_momentum_norm_keeps_the_base_updates_and_the_norm_of_the_new_momentum()
   for _ in range(2):
     updates, state = tx.update(grads, state, params)
     expected, base_state = base.update(grads, base_state, params)
-    np.testing.assert_array_equal(updates['w'], expected['w'])
+    jax.tree.map(np.testing.assert_array_equal, updates, expected)
   trace = base_state[0].trace  # after two steps: g + 0.9 g
   np.testing.assert_allclose(
     state.norm, np.sqrt(sum(np.sum(np.square(t)) for t in jax.tree.leaves(trace))), rtol=1e-6
@@ -94,6 +94,16 @@ def test_side_settings_apply_the_budget():
   assert parse('--quick') == run.QUICK
 
 
+STUB_PYTHON = """#!/usr/bin/env bash
+# Stands in for python: the probe passes, benchmarks.cheap writes its two files, the rest fails.
+if [[ $1 == -c ]]; then echo "3.12.0 jax 0 optax 0 stub []"; exit 0; fi
+if [[ "$1 $2" == "-m benchmarks.cheap" ]]; then
+  out=${@: -1}; mkdir -p "$out"; echo '{}' > "$out/cheap.json"; echo '|' > "$out/cheap.md"; exit 0
+fi
+echo "stub: $*"; exit 3
+"""
+
+
 def test_gpu_checks_script_names_what_exists_and_rejects_an_unknown_part(tmp_path):
   script = ROOT / 'benchmarks' / 'gpu_checks.sh'
   text = script.read_text()
@@ -102,12 +112,37 @@ def test_gpu_checks_script_names_what_exists_and_rejects_an_unknown_part(tmp_pat
     assert (ROOT / path).is_file(), path
   for module in set(re.findall(r'-m (benchmarks\.\w+)', text)):
     assert (ROOT / (module.replace('.', '/') + '.py')).is_file(), module
-  env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+  out = tmp_path / 'out'
+  env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
   done = subprocess.run(['bash', str(script), 'nonsense'], env=env, capture_output=True, text=True)
   assert done.returncode == 2, done.stdout + done.stderr
-  log = (tmp_path / 'gpu_checks.log').read_text()
+  log = (out / 'gpu_checks.log').read_text()
   assert 'unknown part: nonsense (cheap, tests, contract, run, micro)' in log
   assert 'jax ' + jax.__version__ in log
   env['PYTHON'] = 'false'  # an interpreter that cannot import JAX: nothing runs
   done = subprocess.run(['bash', str(script), 'cheap'], env=env, capture_output=True, text=True)
   assert done.returncode == 1 and 'nothing checked' in done.stdout
+
+
+def test_gpu_checks_script_runs_each_part_and_keeps_the_worst_status(tmp_path):
+  stub = tmp_path / 'python'
+  stub.write_text(STUB_PYTHON)
+  stub.chmod(0o755)
+  out = tmp_path / 'out'
+  env = dict(os.environ, OUT=str(out), PYTHON=str(stub))
+  script = ROOT / 'benchmarks' / 'gpu_checks.sh'
+  done = subprocess.run(['bash', str(script)], env=env, capture_output=True, text=True)
+  assert done.returncode == 1, done.stdout + done.stderr  # the tests part failed
+  assert sorted(p.name for p in out.iterdir()) == [
+    'cheap-resnet18.json',
+    'cheap-resnet18.md',
+    'cheap-small.json',
+    'cheap-small.md',
+    'gpu_checks.log',
+  ]
+  log = (out / 'gpu_checks.log').read_text()
+  for line in ('== cheap-small: exit 0', '== cheap-resnet18: exit 0', '== tests: exit 3'):
+    assert line in log
+  assert 'stub: -m pytest -q -n 0 tests/test_when.py' in log
+  done = subprocess.run(['bash', str(script), 'tests', 'nonsense', 'cheap'], env=env, text=True)
+  assert done.returncode == 2  # an unknown part outranks a failed one, in any order
