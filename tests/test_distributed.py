@@ -428,12 +428,14 @@ def _run_shard_map_per_device_carry(name, two_phase, local):
 # ---------------------------------------------------------------------------- references
 
 
+@pytest.mark.devices(1)  # one device: overrides the module's mark
 @pytest.mark.parametrize('name', VARIANTS)
 def test_single_device_matches_reference(name):
   """Sanity of the reference itself against the library on one device."""
   _assert_close(_single_device(name), _reference(name, local=False))
 
 
+@pytest.mark.devices(1)  # one device: overrides the module's mark
 @pytest.mark.parametrize('name', VARIANTS)
 def test_local_reference_differs_from_global(name):
   """m-sharpness must change the result here, or the local tests would prove nothing."""
