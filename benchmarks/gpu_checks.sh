@@ -16,6 +16,8 @@
 #   contract  the optax contract every optimizer passes (tests/test_contract.py), the same way.
 #   run       python -m benchmarks.run on ResNet-18 at batch 128 (benchmarks.{json,md}).
 #   micro     python -m benchmarks.micro_batches on the CNN and ResNet-18 (micro_batches.{json,md}).
+# A lent machine sends back at most 8 files: the default parts write 5, run and micro 2 each, so
+# add one of them to the defaults per call (the script warns when $OUT holds more than 8).
 # Everything printed, the tests' output included, goes to gpu_checks.log, each part between
 # '== NAME' lines that give its exit status and time. Without QUICK the benchmarks run only on a
 # GPU (JAX_PLATFORMS=cuda): a machine whose GPU JAX cannot start fails them instead of measuring
@@ -109,4 +111,8 @@ for name in ${*:-cheap tests}; do
       ;;
   esac
 done
+files=$(find "$out" -type f | wc -l)
+if ((files > 8)); then
+  echo "warning: $out holds $files files; a lent machine sends back 8 at most" | tee -a "$log"
+fi
 exit $status
