@@ -16,8 +16,9 @@
 #   contract  the optax contract every optimizer passes (tests/test_contract.py), the same way.
 #   run       python -m benchmarks.run on ResNet-18 at batch 128 (benchmarks.{json,md}).
 #   micro     python -m benchmarks.micro_batches on the CNN and ResNet-18 (micro_batches.{json,md}).
-# A lent machine sends back at most 8 files: the default parts write 5, run and micro 2 each, so
-# add one of them to the defaults per call (the script warns when $OUT holds more than 8).
+# A lent machine allows 10 minutes per command and sends back at most 8 files: the default parts
+# write 5 files, run and micro 2 each, so contract, run and micro go in a call of their own
+# (the script warns when $OUT holds more than 8 files).
 # Everything printed, the tests' output included, goes to gpu_checks.log, each part between
 # '== NAME' lines that give its exit status and time. Without QUICK the benchmarks run only on a
 # GPU (JAX_PLATFORMS=cuda): a machine whose GPU JAX cannot start fails them instead of measuring
