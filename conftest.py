@@ -8,6 +8,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 # The tests compile far more than they compute. LLVM without optimization halves XLA:CPU's compile
 # times (the arithmetic is the same: fast math stays off either way). The processes the tests
 # start (the study, the multi-host workers) take FAST_COMPILE from here too.
@@ -39,8 +41,6 @@ def pytest_runtest_setup(item):
     import jax  # noqa: PLC0415 - after XLA_FLAGS and JAX_PLATFORMS above are set
 
     if jax.device_count() < marker.args[0]:
-      import pytest  # noqa: PLC0415
-
       pytest.skip(
         f'needs {marker.args[0]} devices, {jax.default_backend()} has {jax.device_count()}'
       )
