@@ -11,7 +11,7 @@ from optax_sam._src.corrections import (
   stable_correction,
 )
 from optax_sam._src.micro_batches import MicroBatches, accumulated_grad_fn, micro_batches
-from optax_sam._src.momentum_sam import MomentumSAMState, momentum_sam
+from optax_sam._src.momentum_sam import momentum_sam
 from optax_sam._src.perturbations import AscentState, FriendlyState, ascent, friendly_direction
 from optax_sam._src.policies import (
   AESAMState,
@@ -23,12 +23,13 @@ from optax_sam._src.policies import (
   every,
   randomly,
 )
-from optax_sam._src.sharpness_aware import (
+from optax_sam._src.sharpness_aware import sharpness_aware
+from optax_sam._src.state import (
+  MomentumSAMState,
   SAMState,
   TwoPhaseSAMState,
   clean_params,
   is_perturbed,
-  sharpness_aware,
 )
 from optax_sam._src.statistics import SAMStatistics, step_statistics
 

@@ -9,22 +9,22 @@ without flattening it, and returns a ``NamedTuple`` with the error of the
 estimate. See ``docs/sharpness.md``.
 """
 
-from optax_sam._src.adaptive_sharpness import (
+from optax_sam._src.diagnostics.adaptive_sharpness import (
   AverageSharpness,
   WorstCaseSharpness,
   average_sharpness,
   worst_case_sharpness,
 )
-from optax_sam._src.hessian_spectrum import (
+from optax_sam._src.diagnostics.hessian_spectrum import (
   HessianEigenvalues,
   SpectralDensity,
   hessian_eigenvalues,
   hessian_spectral_density,
   spectral_density_on_grid,
 )
-from optax_sam._src.hvp import hvp_fn
-from optax_sam._src.sam_sharpness import SAMSharpness, sam_sharpness
-from optax_sam._src.trace_estimators import HessianTrace, hessian_trace
+from optax_sam._src.diagnostics.hvp import hvp_fn
+from optax_sam._src.diagnostics.sam_sharpness import SAMSharpness, sam_sharpness
+from optax_sam._src.diagnostics.trace_estimators import HessianTrace, hessian_trace
 
 __all__ = (
   'AverageSharpness',

@@ -159,20 +159,23 @@ def test_inject_hyperparams_changes_rho_between_steps():
   assert helpers.max_diff(v2, ref_a.update(grad_fn(p1), s, p1, grad_fn=grad_fn)[0]) > 1e-5
 
 
-@pytest.mark.parametrize('two_phase', [False, True])
-def test_rho_schedule_indexed_by_sam_steps(two_phase):
+@pytest.mark.parametrize(
+  'two_phase, plain_steps',
+  [(False, 0), (True, 0), (False, 2)],
+  ids=['one_call', 'two_phase', 'when'],
+)
+def test_rho_schedule_is_indexed_by_the_step_count(two_phase, plain_steps):
+  """Step t uses rho = schedule(t): a two-phase pair counts once, a plain step under when= too."""
   params, _, grad_fn = helpers.problem()
-  schedule = optax.linear_schedule(0.0, 0.3, transition_steps=3)
-  got, _ = sam_steps(
-    optax_sam.sam(optax.sgd(0.1), rho=schedule, two_phase=two_phase),
-    params,
-    grad_fn,
-    steps=3,
-    two_phase=two_phase,
-  )
+  schedule = optax.linear_schedule(0.0, 0.3, transition_steps=4)
+  when = optax_sam.after(plain_steps) if plain_steps else None
+  tx = optax_sam.sam(optax.sgd(0.1), rho=schedule, two_phase=two_phase, when=when)
+  got, state = sam_steps(tx, params, grad_fn, steps=4, two_phase=two_phase)
+  assert int(state.perturbation_state.count) == 4
   p = params
-  for step in range(3):
-    tx = optax_sam.sam(optax.sgd(0.1), rho=float(schedule(step)))
+  for step in range(4):
+    rho = 0.0 if step < plain_steps else float(schedule(step))
+    tx = optax_sam.sam(optax.sgd(0.1), rho=rho)
     u, _ = tx.update(grad_fn(p), tx.init(p), p, grad_fn=grad_fn)
     p = optax.apply_updates(p, u)
   assert helpers.max_diff(got, p) < 1e-6

@@ -141,13 +141,58 @@ def test_pytrees_keyword_arguments_closures_and_differentiation():
   )
 
 
-def test_other_backends_call_the_function_itself(monkeypatch):
+def _lowered_dimension_numbers(fn, platform, *args):
+  """The convolutions' dimension numbers in ``fn``'s StableHLO lowered for ``platform``."""
+  module = jax.export.export(jax.jit(fn), platforms=[platform])(*args).mlir_module()
+  return re.findall(r'dim_numbers = (\[[^\]]*\]x\[[^\]]*\]->\[[^\]]*\])', module)
+
+
+def test_the_choice_is_made_for_the_platform_lowered_for():
+  """Lowered for a GPU (here, without one), the branch keeps the function's own convolutions."""
+  x, k, loss = _operands('ncw')
+  grad = _in_cond(jax.grad(loss, argnums=1))
+  rewritten = _in_cond(cpu_convolutions.canonical(jax.grad(loss, argnums=1)))
+  own = _lowered_dimension_numbers(grad, 'cuda', True, x, k)
+  assert own and _lowered_dimension_numbers(rewritten, 'cuda', True, x, k) == own
+  on_cpu = _lowered_dimension_numbers(rewritten, 'cpu', True, x, k)
+  assert on_cpu != own and all(d.startswith('[b, 0, f]') for d in on_cpu), on_cpu
+
+
+def test_users_can_opt_out(monkeypatch):
   x, k, loss = _operands('ncw')
   grad = jax.grad(loss, argnums=1)
   text = lambda fn: str(jax.make_jaxpr(fn)(x, k))
   assert text(cpu_convolutions.canonical(grad)) != text(grad)
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setenv(cpu_convolutions.OPT_OUT, '0')
+  assert not cpu_convolutions.enabled()
   assert text(cpu_convolutions.canonical(grad)) == text(grad)
+  assert not set(
+    _compiled_convolutions(_in_cond(cpu_convolutions.canonical(grad)), True, x, k)
+  ) <= (CANONICAL)
+
+
+def test_the_rewrite_retires_itself_from_the_version_that_fixes_xla_cpu(monkeypatch):
+  """XLA:CPU still leaves convolutions in branches unrewritten: if not, set XLA_CPU_FIXED_IN."""
+  x, k, loss = _operands('nchw-dilated')
+  labels = _compiled_convolutions(_in_cond(jax.grad(loss, argnums=(0, 1))), True, x, k)
+  assert not set(labels) <= CANONICAL, (
+    'XLA:CPU canonicalizes convolutions inside control flow in this jaxlib: set '
+    'cpu_convolutions.XLA_CPU_FIXED_IN to its version, so that the rewrite retires itself.'
+  )
+  assert cpu_convolutions.enabled()
+  monkeypatch.setattr(cpu_convolutions, 'XLA_CPU_FIXED_IN', (0, 0, 1))
+  assert not cpu_convolutions.enabled()
+
+
+def test_the_jax_names_the_rewrite_relies_on():
+  """The rewrite reads JAX internals (primitives, a placeholder's type name, eqn contexts)."""
+  assert cpu_convolutions._conv_p.name == 'conv_general_dilated'
+  assert cpu_convolutions._jit_p.name in ('jit', 'pjit')
+  jaxpr = jax.make_jaxpr(jax.jit(lambda a: a + 1))(1.0)
+  (eqn,) = jaxpr.jaxpr.eqns
+  assert cpu_convolutions._inlinable(eqn)  # jit's "no sharding given" placeholder is recognized
+  assert hasattr(eqn.ctx, 'manager') and hasattr(eqn.source_info, 'name_stack')
+  assert isinstance(eqn.primitive.get_bind_params(eqn.params), (tuple, dict))
 
 
 def test_static_leaves_reach_the_function_as_they_are():

@@ -342,12 +342,14 @@ def _first(stacked):
   return jax.tree.map(lambda a: np.asarray(a)[0], stacked)
 
 
-def _make(name, two_phase, local):
-  return VARIANTS[name][0](axis_name=AXIS, local_perturbation=local, two_phase=two_phase)
+def _make(name, two_phase, local, **options):
+  return VARIANTS[name][0](
+    axis_name=AXIS, local_perturbation=local, two_phase=two_phase, **options
+  )
 
 
-def _run_pmap(name, two_phase, local):
-  tx = _make(name, two_phase, local)
+def _run_pmap(name, two_phase, local, **options):
+  tx = _make(name, two_phase, local, **options)
   step = jax.pmap(_train_step(tx, two_phase), axis_name=AXIS)
   args = (_replicate(PARAMS), _replicate(tx.init(PARAMS)), _shards(X), _shards(Y))
   (params, state), hlo = _compile_and_run(step, args, two_phase)
@@ -369,7 +371,7 @@ def _per_device(tree):
   return jax.tree.map(lambda a: a[None], tree)
 
 
-def _run_shard_map(name, two_phase, local):
+def _run_shard_map(name, two_phase, local, **options):
   """shard_map with check_vma=True and replicated params and state (in/out_specs P()).
 
   The recipe: jax.grad of params marked varying (pcast) is the local
@@ -377,7 +379,7 @@ def _run_shard_map(name, two_phase, local):
   so ``grad_fn`` needs no cast (and pcast of a varying value is an error).
   Returns (params, per-device stacked (params, state), HLO text).
   """
-  tx = _make(name, two_phase, local)
+  tx = _make(name, two_phase, local, **options)
   step = _train_step(
     tx, two_phase, clean_wrap=_pcast_varying, adv_wrap=None if local else _pcast_varying
   )
@@ -476,6 +478,20 @@ def test_shard_map_one_call_global(name):
   _assert_close(params, _reference(name, local=False))
   assert _all_reduced(hlo) == (2 * NUM_PARAMS, 0)
   assert set(_collectives(hlo)) == {'all-reduce'}
+
+
+POLICIES = {
+  'every': lambda: optax_sam.every(2),
+  'ae_sam': lambda: optax_sam.ae_sam(total_steps=10),
+}
+
+
+@pytest.mark.parametrize('run', [_run_pmap, _run_shard_map], ids=['pmap', 'shard_map'])
+@pytest.mark.parametrize('policy', POLICIES)
+def test_a_policy_all_reduces_the_clean_gradient_once(policy, run):
+  """The policy and both branches read one average: 2 gradients all-reduced, as without when=."""
+  outputs = run('fsam', False, False, when=POLICIES[policy]())
+  assert _all_reduced(outputs[-1]) == (2 * NUM_PARAMS, 0)
 
 
 @pytest.mark.parametrize('name', SHARD_MAP_VARIANTS)

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 import optax_sam
 from optax_sam import sharpness
-from optax_sam._src import hvp as hvp_lib
+from optax_sam._src.diagnostics import hvp as hvp_lib
 
 SHAPES = {'a': (3, 4), 'b': (5,), 'c': (2, 3, 2)}  # 29 parameters in three leaves
 N = 29

@@ -251,14 +251,6 @@ def test_friendly_ema_tracks_g_on_plain_steps():
   assert int(state.perturbation_state[0].count) == 3
 
 
-def test_rho_schedule_is_indexed_by_all_updates():
-  params, _, grad_fn = helpers.problem()
-  schedule = optax.linear_schedule(0.1, 0.0, 10)
-  tx = optax_sam.sam(_base(), rho=schedule, when=optax_sam.after(3))
-  _, state, _ = _run(tx, params, grad_fn, 5)
-  assert int(state.perturbation_state.count) == 5
-
-
 # ------------------------------------------------------------------------ axis_name
 
 N, AXIS = 8, 'data'

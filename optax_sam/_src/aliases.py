@@ -1,4 +1,11 @@
-"""The public SAM-family optimizers, each a composition of the building blocks."""
+"""The public SAM-family optimizers: each a composition of a perturbation and a correction.
+
+An alias chooses its parts and hands the wrapper options (``axis_name``,
+``local_perturbation``, ``two_phase``, ``statistics``,
+``perturb_in_param_dtype``, ``when``; see :func:`sharpness_aware`) on in one
+line, ``SAMOptions.from_arguments(locals())``. Its hyperparameters stay
+explicit keyword parameters, so that ``optax.inject_hyperparams`` can bind them.
+"""
 
 from typing import Any, Optional
 
@@ -6,45 +13,11 @@ import optax
 
 from optax_sam._src import adaptive as adaptive_lib
 from optax_sam._src import corrections, perturbations, policies
+from optax_sam._src import options as options_lib
 from optax_sam._src import sharpness_aware as wrapper
 
-# Replaces the '  {distributed}' line of the Args sections: the first line's 4 spaces follow
-# that line's 2, the others carry the 6 of an argument.
-_DISTRIBUTED_ARGS = """    axis_name: the ``pmap``/``shard_map`` axis to average gradients over.
-      local_perturbation: perturb each device with its own gradient
-        (m-sharpness) instead of the averaged one.
-      two_phase: alternate two calls instead of calling ``grad_fn``.
-      statistics: keep the step's statistics in the state (read them with
-        :func:`step_statistics`); off by default, and free when off.
-      perturb_in_param_dtype: hand ``grad_fn`` ``w + e`` in the params' dtype;
-        by default params narrower than float32 get float32 ``w + e`` there.
-      when: a policy (:func:`every`, :func:`after`, :func:`randomly`,
-        :func:`ae_sam`) choosing which steps are SAM steps; the others are
-        plain base-optimizer steps that skip ``grad_fn`` (``None``: all SAM)."""
-
-
-def _build(
-  base_optimizer: optax.GradientTransformation,
-  perturbation: optax.GradientTransformation,
-  correction: corrections.Correction,
-  axis_name: Optional[str],
-  local_perturbation: bool,
-  two_phase: bool,
-  statistics: bool,
-  perturb_in_param_dtype: bool,
-  when: Optional[policies.Policy],
-) -> optax.GradientTransformationExtraArgs:
-  return wrapper.sharpness_aware(
-    base_optimizer,
-    perturbation,
-    correction,
-    axis_name=axis_name,
-    local_perturbation=local_perturbation,
-    two_phase=two_phase,
-    statistics=statistics,
-    perturb_in_param_dtype=perturb_in_param_dtype,
-    when=when,
-  )
+# The wrapper options every alias takes as keywords and hands on with SAMOptions.from_arguments.
+SAMOptions = options_lib.SAMOptions
 
 
 def _ascent_and_correction(rho, normalize, adaptive, eta, adaptive_mask, stable, eps):
@@ -79,61 +52,54 @@ def sam(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization around any optax optimizer.
 
-    .. math::
+  .. math::
 
-      e = \rho \frac{g}{\|g\| + \epsilon}, \qquad
-      u = \mathrm{base}(\nabla L_B(w + e), w).
+    e = \rho \frac{g}{\|g\| + \epsilon}, \qquad
+    u = \mathrm{base}(\nabla L_B(w + e), w).
 
-    ``normalize=False`` gives unnormalized SAM (USAM, :math:`e = \rho g`),
-    ``adaptive=True`` ASAM's scaling (:math:`T = |w| + \eta`, every leaf unless
-    ``adaptive_mask`` says otherwise, as in the davda54 code), ``stable=True``
-    StableSAM's renormalization of the perturbed gradient.
+  ``normalize=False`` gives unnormalized SAM (USAM, :math:`e = \rho g`),
+  ``adaptive=True`` ASAM's scaling (:math:`T = |w| + \eta`, every leaf unless
+  ``adaptive_mask`` says otherwise, as in the davda54 code), ``stable=True``
+  StableSAM's renormalization of the perturbed gradient.
 
-    Args:
-      base_optimizer: the optax optimizer that receives the SAM gradient.
-      rho: perturbation radius (``>= 0``) or an optax schedule of the SAM step.
-      normalize: divide the ascent by the gradient norm.
-      adaptive: ASAM's parameter-wise scaling.
-      eta: ASAM's offset (``>= 0``).
-      adaptive_mask: tree of bools or callable of params selecting the scaled leaves.
-      stable: StableSAM's renormalization.
-      eps: added to norms in denominators (``>= 0``).
-  {distributed}
+  Args:
+    base_optimizer: the optax optimizer that receives the SAM gradient.
+    rho: perturbation radius (``>= 0``) or an optax schedule of the step count.
+    normalize: divide the ascent by the gradient norm.
+    adaptive: ASAM's parameter-wise scaling.
+    eta: ASAM's offset (``>= 0``).
+    adaptive_mask: tree of bools or callable of params selecting the scaled leaves.
+    stable: StableSAM's renormalization.
+    eps: added to norms in denominators (``>= 0``).
+    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype,
+      when: the wrapper's options, the same for every alias (see
+      :func:`sharpness_aware`).
 
-    Returns:
-      An ``optax.GradientTransformationExtraArgs``; in one-call mode call
-      ``update(grads, state, params, grad_fn=lambda p: jax.grad(loss)(p, batch))``.
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; in one-call mode call
+    ``update(grads, state, params, grad_fn=lambda p: jax.grad(loss)(p, batch))``.
 
-    Example:
-      >>> import jax, jax.numpy as jnp, optax, optax_sam
-      >>> loss = lambda w: jnp.sum((w - 1.0) ** 2)
-      >>> tx = optax_sam.sam(optax.sgd(0.1), rho=0.05)
-      >>> w = jnp.zeros(3)
-      >>> state = tx.init(w)
-      >>> for _ in range(50):
-      ...   u, state = tx.update(jax.grad(loss)(w), state, w, grad_fn=jax.grad(loss))
-      ...   w = optax.apply_updates(w, u)
-      >>> bool(jnp.allclose(w, 1.0, atol=0.05))
-      True
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_sam
+    >>> loss = lambda w: jnp.sum((w - 1.0) ** 2)
+    >>> tx = optax_sam.sam(optax.sgd(0.1), rho=0.05)
+    >>> w = jnp.zeros(3)
+    >>> state = tx.init(w)
+    >>> for _ in range(50):
+    ...   u, state = tx.update(jax.grad(loss)(w), state, w, grad_fn=jax.grad(loss))
+    ...   w = optax.apply_updates(w, u)
+    >>> bool(jnp.allclose(w, 1.0, atol=0.05))
+    True
 
-    References:
-      Foret et al., 2021, "Sharpness-Aware Minimization for Efficiently Improving
-      Generalization": https://arxiv.org/abs/2010.01412
+  References:
+    Foret et al., 2021, "Sharpness-Aware Minimization for Efficiently Improving
+    Generalization": https://arxiv.org/abs/2010.01412
   """
   ascent, correction = _ascent_and_correction(
     rho, normalize, adaptive, eta, adaptive_mask, stable, eps
   )
-  return _build(
-    base_optimizer,
-    ascent,
-    correction,
-    axis_name,
-    local_perturbation,
-    two_phase,
-    statistics,
-    perturb_in_param_dtype,
-    when,
-  )
+  options = SAMOptions.from_arguments(locals())
+  return wrapper.compose(base_optimizer, ascent, correction, options)
 
 
 def asam(
@@ -154,53 +120,42 @@ def asam(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adaptive SAM: SAM in the parameter-scaled space :math:`T = |w| + \eta`.
 
-    .. math::
+  .. math::
 
-      e = \rho \frac{T^2 g}{\|T g\| + \epsilon}.
+    e = \rho \frac{T^2 g}{\|T g\| + \epsilon}.
 
-    By default every leaf is scaled except those named ``bias``
-    (:func:`not_bias_mask`), as the official ASAM code does.
+  By default every leaf is scaled except those named ``bias``
+  (:func:`not_bias_mask`), as the official ASAM code does.
 
-    Args:
-      base_optimizer: the optax optimizer that receives the SAM gradient.
-      rho: perturbation radius (``>= 0``) or a schedule; ASAM's default is 0.5.
-      eta: offset in ``T`` (``>= 0``).
-      adaptive_mask: selects the scaled leaves (``None``: :func:`not_bias_mask`).
-      normalize: divide the ascent by ``||T g||`` (``False``: ``e = rho T^2 g``).
-      stable: StableSAM's renormalization with ``T``-weighted norms.
-      eps: added to norms in denominators (``>= 0``).
-  {distributed}
+  Args:
+    base_optimizer: the optax optimizer that receives the SAM gradient.
+    rho: perturbation radius (``>= 0``) or a schedule; ASAM's default is 0.5.
+    eta: offset in ``T`` (``>= 0``).
+    adaptive_mask: selects the scaled leaves (``None``: :func:`not_bias_mask`).
+    normalize: divide the ascent by ``||T g||`` (``False``: ``e = rho T^2 g``).
+    stable: StableSAM's renormalization with ``T``-weighted norms.
+    eps: added to norms in denominators (``>= 0``).
+    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype,
+      when: the wrapper's options, the same for every alias (see
+      :func:`sharpness_aware`).
 
-    Returns:
-      An ``optax.GradientTransformationExtraArgs`` (see :func:`sam`).
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (see :func:`sam`).
 
-    Example:
-      >>> import jax.numpy as jnp, optax, optax_sam
-      >>> params = {'kernel': jnp.ones((2, 2)), 'bias': jnp.zeros(2)}
-      >>> tx = optax_sam.asam(optax.sgd(0.1))
-      >>> state = tx.init(params)
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_sam
+    >>> params = {'kernel': jnp.ones((2, 2)), 'bias': jnp.zeros(2)}
+    >>> tx = optax_sam.asam(optax.sgd(0.1))
+    >>> state = tx.init(params)
 
-    References:
-      Kwon et al., 2021, "ASAM: Adaptive Sharpness-Aware Minimization for
-      Scale-Invariant Learning of Deep Neural Networks": https://arxiv.org/abs/2102.11600
+  References:
+    Kwon et al., 2021, "ASAM: Adaptive Sharpness-Aware Minimization for
+    Scale-Invariant Learning of Deep Neural Networks": https://arxiv.org/abs/2102.11600
   """
   mask = adaptive_lib.not_bias_mask if adaptive_mask is None else adaptive_mask
-  return sam(
-    base_optimizer,
-    rho,
-    normalize=normalize,
-    adaptive=True,
-    eta=eta,
-    adaptive_mask=mask,
-    stable=stable,
-    eps=eps,
-    axis_name=axis_name,
-    local_perturbation=local_perturbation,
-    two_phase=two_phase,
-    statistics=statistics,
-    perturb_in_param_dtype=perturb_in_param_dtype,
-    when=when,
-  )
+  ascent, correction = _ascent_and_correction(rho, normalize, True, eta, mask, stable, eps)
+  options = SAMOptions.from_arguments(locals())
+  return wrapper.compose(base_optimizer, ascent, correction, options)
 
 
 def friendly_sam(
@@ -225,61 +180,54 @@ def friendly_sam(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Friendly-SAM: SAM whose ascent ignores the full-gradient component.
 
-    .. math::
+  .. math::
 
-      d = g - \sigma m_{t-1}, \quad m_t = \lambda m_{t-1} + (1 - \lambda) g,
-      \quad e = \rho \frac{d}{\|d\| + \epsilon},
+    d = g - \sigma m_{t-1}, \quad m_t = \lambda m_{t-1} + (1 - \lambda) g,
+    \quad e = \rho \frac{d}{\|d\| + \epsilon},
 
-    with :math:`d = g` and :math:`m_1 = g` at the first step. The options
-    ``adaptive``/``normalize``/``stable`` apply to the ascent on ``d`` as in
-    :func:`sam` (StableSAM renormalizes to the clean ``g``'s norm).
+  with :math:`d = g` and :math:`m_1 = g` at the first step. The options
+  ``adaptive``/``normalize``/``stable`` apply to the ascent on ``d`` as in
+  :func:`sam` (StableSAM renormalizes to the clean ``g``'s norm).
 
-    Args:
-      base_optimizer: the optax optimizer that receives the SAM gradient.
-      rho: perturbation radius (``>= 0``) or a schedule.
-      sigma: weight of the removed EMA, in ``[0, 1]``.
-      lmbda: EMA decay, in ``[0, 1]``.
-      normalize: divide the ascent by the norm of ``d``.
-      adaptive: ASAM's scaling of the ascent.
-      eta: ASAM's offset (``>= 0``).
-      adaptive_mask: selects the scaled leaves (``None``: all).
-      stable: StableSAM's renormalization.
-      eps: added to norms in denominators (``>= 0``).
-      ema_dtype: dtype of the EMA buffer (default: the parameters' dtype).
-  {distributed}
+  Args:
+    base_optimizer: the optax optimizer that receives the SAM gradient.
+    rho: perturbation radius (``>= 0``) or a schedule.
+    sigma: weight of the removed EMA, in ``[0, 1]``.
+    lmbda: EMA decay, in ``[0, 1]``.
+    normalize: divide the ascent by the norm of ``d``.
+    adaptive: ASAM's scaling of the ascent.
+    eta: ASAM's offset (``>= 0``).
+    adaptive_mask: selects the scaled leaves (``None``: all).
+    stable: StableSAM's renormalization.
+    eps: added to norms in denominators (``>= 0``).
+    ema_dtype: dtype of the EMA buffer (default: the parameters' dtype).
+    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype,
+      when: the wrapper's options, the same for every alias (see
+      :func:`sharpness_aware`).
 
-    Returns:
-      An ``optax.GradientTransformationExtraArgs``; the state holds one
-      parameter-sized EMA buffer and a step count.
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; the state holds one
+    parameter-sized EMA buffer and a step count.
 
-    Example:
-      >>> import jax, jax.numpy as jnp, optax, optax_sam
-      >>> loss = lambda w: jnp.sum((w - 1.0) ** 2)
-      >>> tx = optax_sam.friendly_sam(optax.sgd(0.1), rho=0.05, sigma=1.0, lmbda=0.9)
-      >>> w = jnp.zeros(3)
-      >>> state = tx.init(w)
-      >>> u, state = tx.update(jax.grad(loss)(w), state, w, grad_fn=jax.grad(loss))
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_sam
+    >>> loss = lambda w: jnp.sum((w - 1.0) ** 2)
+    >>> tx = optax_sam.friendly_sam(optax.sgd(0.1), rho=0.05, sigma=1.0, lmbda=0.9)
+    >>> w = jnp.zeros(3)
+    >>> state = tx.init(w)
+    >>> u, state = tx.update(jax.grad(loss)(w), state, w, grad_fn=jax.grad(loss))
 
-    References:
-      Li et al., 2024, "Friendly Sharpness-Aware Minimization":
-      https://arxiv.org/abs/2403.12350
+  References:
+    Li et al., 2024, "Friendly Sharpness-Aware Minimization":
+    https://arxiv.org/abs/2403.12350
   """
   ascent, correction = _ascent_and_correction(
     rho, normalize, adaptive, eta, adaptive_mask, stable, eps
   )
   direction = perturbations.friendly_direction(sigma, lmbda, ema_dtype=ema_dtype)
   perturbation = optax.chain(direction, ascent)
-  return _build(
-    base_optimizer,
-    perturbation,
-    correction,
-    axis_name,
-    local_perturbation,
-    two_phase,
-    statistics,
-    perturb_in_param_dtype,
-    when,
-  )
+  options = SAMOptions.from_arguments(locals())
+  return wrapper.compose(base_optimizer, perturbation, correction, options)
 
 
 def stable_sam(
@@ -300,56 +248,47 @@ def stable_sam(
 ) -> optax.GradientTransformationExtraArgs:
   r"""StableSAM: unnormalized SAM whose perturbed gradient keeps the clean norm.
 
-    .. math::
+  .. math::
 
-      e = \rho g, \qquad g_{sam} = g_{adv} \frac{\|g\|}{\|g_{adv}\| + \epsilon}.
+    e = \rho g, \qquad g_{sam} = g_{adv} \frac{\|g\|}{\|g_{adv}\| + \epsilon}.
 
-    Equal to ``sam(base, rho, normalize=False, stable=True)``; ``normalize=True``
-    renormalizes SAM instead of USAM.
+  Equal to ``sam(base, rho, normalize=False, stable=True)``; ``normalize=True``
+  renormalizes SAM instead of USAM.
 
-    Args:
-      base_optimizer: the optax optimizer that receives the SAM gradient.
-      rho: perturbation radius (``>= 0``) or a schedule.
-      normalize: use SAM's normalized ascent instead of the paper's USAM ascent.
-      adaptive: ASAM's scaling, also of both norms.
-      eta: ASAM's offset (``>= 0``).
-      adaptive_mask: selects the scaled leaves (``None``: all).
-      eps: added to norms in denominators (``>= 0``).
-  {distributed}
+  Args:
+    base_optimizer: the optax optimizer that receives the SAM gradient.
+    rho: perturbation radius (``>= 0``) or a schedule.
+    normalize: use SAM's normalized ascent instead of the paper's USAM ascent.
+    adaptive: ASAM's scaling, also of both norms.
+    eta: ASAM's offset (``>= 0``).
+    adaptive_mask: selects the scaled leaves (``None``: all).
+    eps: added to norms in denominators (``>= 0``).
+    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype,
+      when: the wrapper's options, the same for every alias (see
+      :func:`sharpness_aware`).
 
-    Returns:
-      An ``optax.GradientTransformationExtraArgs``; in two-phase mode its state
-      carries the clean norm.
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; in two-phase mode its state
+    carries the clean norm.
 
-    Example:
-      >>> import jax, jax.numpy as jnp, optax, optax_sam
-      >>> loss = lambda w: jnp.sum(w ** 4)
-      >>> tx = optax_sam.stable_sam(optax.sgd(0.1), rho=0.05)
-      >>> w = jnp.array([1.0, -1.0])
-      >>> u, _ = tx.update(jax.grad(loss)(w), tx.init(w), w, grad_fn=jax.grad(loss))
-      >>> float(jnp.linalg.norm(u))  # lr * ||g||: the clean norm is kept
-      0.5656...
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_sam
+    >>> loss = lambda w: jnp.sum(w ** 4)
+    >>> tx = optax_sam.stable_sam(optax.sgd(0.1), rho=0.05)
+    >>> w = jnp.array([1.0, -1.0])
+    >>> u, _ = tx.update(jax.grad(loss)(w), tx.init(w), w, grad_fn=jax.grad(loss))
+    >>> float(jnp.linalg.norm(u))  # lr * ||g||: the clean norm is kept
+    0.5656...
 
-    References:
-      Tan et al., 2024, "Stabilizing Sharpness-Aware Minimization Through A
-      Simple Renormalization Strategy": https://arxiv.org/abs/2401.07250
+  References:
+    Tan et al., 2024, "Stabilizing Sharpness-Aware Minimization Through A
+    Simple Renormalization Strategy": https://arxiv.org/abs/2401.07250
   """
-  return sam(
-    base_optimizer,
-    rho,
-    normalize=normalize,
-    adaptive=adaptive,
-    eta=eta,
-    adaptive_mask=adaptive_mask,
-    stable=True,
-    eps=eps,
-    axis_name=axis_name,
-    local_perturbation=local_perturbation,
-    two_phase=two_phase,
-    statistics=statistics,
-    perturb_in_param_dtype=perturb_in_param_dtype,
-    when=when,
+  ascent, correction = _ascent_and_correction(
+    rho, normalize, adaptive, eta, adaptive_mask, True, eps
   )
+  options = SAMOptions.from_arguments(locals())
+  return wrapper.compose(base_optimizer, ascent, correction, options)
 
 
 def gsam(
@@ -367,47 +306,40 @@ def gsam(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Surrogate Gap Guided SAM: SAM plus a step against the surrogate gap.
 
-    .. math::
+  .. math::
 
-      e = \rho \frac{g}{\|g\| + \epsilon}, \qquad
-      g_{sam} = g_{adv} - \alpha \left(g - \frac{\langle g, g_{adv}\rangle}
-        {\|g_{adv}\|^2 + \epsilon} g_{adv}\right).
+    e = \rho \frac{g}{\|g\| + \epsilon}, \qquad
+    g_{sam} = g_{adv} - \alpha \left(g - \frac{\langle g, g_{adv}\rangle}
+      {\|g_{adv}\|^2 + \epsilon} g_{adv}\right).
 
-    Args:
-      base_optimizer: the optax optimizer that receives the SAM gradient.
-      rho: perturbation radius (``>= 0``) or a schedule.
-      alpha: weight of the orthogonal component (``>= 0``).
-      eps: added to norms in denominators (``>= 0``).
-  {distributed}
+  Args:
+    base_optimizer: the optax optimizer that receives the SAM gradient.
+    rho: perturbation radius (``>= 0``) or a schedule.
+    alpha: weight of the orthogonal component (``>= 0``).
+    eps: added to norms in denominators (``>= 0``).
+    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype,
+      when: the wrapper's options, the same for every alias (see
+      :func:`sharpness_aware`).
 
-    Returns:
-      An ``optax.GradientTransformationExtraArgs``; in two-phase mode its state
-      carries the clean gradient.
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; in two-phase mode its state
+    carries the clean gradient.
 
-    Example:
-      >>> import jax, jax.numpy as jnp, optax, optax_sam
-      >>> loss = lambda w: jnp.sum(w ** 4)
-      >>> tx = optax_sam.gsam(optax.sgd(0.1), rho=0.05, alpha=0.4)
-      >>> w = jnp.array([1.0, -1.0])
-      >>> u, _ = tx.update(jax.grad(loss)(w), tx.init(w), w, grad_fn=jax.grad(loss))
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_sam
+    >>> loss = lambda w: jnp.sum(w ** 4)
+    >>> tx = optax_sam.gsam(optax.sgd(0.1), rho=0.05, alpha=0.4)
+    >>> w = jnp.array([1.0, -1.0])
+    >>> u, _ = tx.update(jax.grad(loss)(w), tx.init(w), w, grad_fn=jax.grad(loss))
 
-    References:
-      Zhuang et al., 2022, "Surrogate Gap Guided Sharpness-Aware Minimization":
-      https://arxiv.org/abs/2203.08065
+  References:
+    Zhuang et al., 2022, "Surrogate Gap Guided Sharpness-Aware Minimization":
+    https://arxiv.org/abs/2203.08065
   """
   ascent = perturbations.ascent(rho, eps=eps)
   correction = corrections.gsam_correction(alpha, eps=eps)
-  return _build(
-    base_optimizer,
-    ascent,
-    correction,
-    axis_name,
-    local_perturbation,
-    two_phase,
-    statistics,
-    perturb_in_param_dtype,
-    when,
-  )
+  options = SAMOptions.from_arguments(locals())
+  return wrapper.compose(base_optimizer, ascent, correction, options)
 
 
 def look_sam(
@@ -426,60 +358,51 @@ def look_sam(
 ) -> optax.GradientTransformationExtraArgs:
   r"""LookSAM: a SAM step every ``k`` steps, its extra direction reused in between.
 
-    On steps ``0, k, 2k, ...`` a SAM step (:math:`e = \rho g / (\|g\| + \epsilon)`)
-    that also stores the unit component of ``g_adv`` orthogonal to ``g``,
+  On steps ``0, k, 2k, ...`` a SAM step (:math:`e = \rho g / (\|g\| + \epsilon)`)
+  that also stores the unit component of ``g_adv`` orthogonal to ``g``,
 
-    .. math::
+  .. math::
 
-      v = g_{adv} - \frac{\langle g_{adv}, g\rangle}{\|g\|^2 + \epsilon} g,
-      \qquad \hat v = v / \|v\|;
+    v = g_{adv} - \frac{\langle g_{adv}, g\rangle}{\|g\|^2 + \epsilon} g,
+    \qquad \hat v = v / \|v\|;
 
-    on the other steps the base optimizer gets :math:`g + \alpha \|g\| \hat v`
-    and ``grad_fn`` is not evaluated (:func:`look_sam_correction` with
-    ``when=every(k)``). ``k = 1`` is SAM; ``alpha = 0`` is :func:`sam` with
-    ``when=every(k)``. Its state holds one parameter-sized buffer.
+  on the other steps the base optimizer gets :math:`g + \alpha \|g\| \hat v`
+  and ``grad_fn`` is not evaluated (:func:`look_sam_correction` with
+  ``when=every(k)``). ``k = 1`` is SAM; ``alpha = 0`` is :func:`sam` with
+  ``when=every(k)``. Its state holds one parameter-sized buffer.
 
-    Args:
-      base_optimizer: the optax optimizer that receives the gradients.
-      rho: perturbation radius (``>= 0``) or a schedule.
-      alpha: weight of the reused direction (``>= 0``).
-      k: the period of SAM steps (an integer ``>= 1``).
-      eps: added to norms in denominators (``>= 0``).
-  {distributed}
-        For LookSAM the default ``when=None`` is ``every(k)``; another policy
-        replaces it (``ae_sam`` gives the AE-LookSAM of Jiang et al. 2023),
-        and ``k`` is then unused.
+  Args:
+    base_optimizer: the optax optimizer that receives the gradients.
+    rho: perturbation radius (``>= 0``) or a schedule.
+    alpha: weight of the reused direction (``>= 0``).
+    k: the period of SAM steps (an integer ``>= 1``).
+    eps: added to norms in denominators (``>= 0``).
+    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype,
+      when: the wrapper's options, the same for every alias (see
+      :func:`sharpness_aware`).
+      For LookSAM the default ``when=None`` is ``every(k)``; another policy
+      replaces it (``ae_sam`` gives the AE-LookSAM of Jiang et al. 2023),
+      and ``k`` is then unused.
 
-    Returns:
-      An ``optax.GradientTransformationExtraArgs`` (see :func:`sam`).
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (see :func:`sam`).
 
-    Example:
-      >>> import jax, jax.numpy as jnp, optax, optax_sam
-      >>> loss = lambda w: jnp.sum(w ** 4)
-      >>> tx = optax_sam.look_sam(optax.sgd(0.1), rho=0.1, alpha=0.7, k=5)
-      >>> w = jnp.array([1.0, -1.0])
-      >>> state = tx.init(w)
-      >>> for _ in range(3):
-      ...   u, state = tx.update(jax.grad(loss)(w), state, w, grad_fn=jax.grad(loss))
-      ...   w = optax.apply_updates(w, u)
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_sam
+    >>> loss = lambda w: jnp.sum(w ** 4)
+    >>> tx = optax_sam.look_sam(optax.sgd(0.1), rho=0.1, alpha=0.7, k=5)
+    >>> w = jnp.array([1.0, -1.0])
+    >>> state = tx.init(w)
+    >>> for _ in range(3):
+    ...   u, state = tx.update(jax.grad(loss)(w), state, w, grad_fn=jax.grad(loss))
+    ...   w = optax.apply_updates(w, u)
 
-    References:
-      Liu et al., 2022, "Towards Efficient and Scalable Sharpness-Aware
-      Minimization": https://arxiv.org/abs/2203.02714
+  References:
+    Liu et al., 2022, "Towards Efficient and Scalable Sharpness-Aware
+    Minimization": https://arxiv.org/abs/2203.02714
   """
   policy = policies.every(k) if when is None else when
-  return _build(
-    base_optimizer,
-    perturbations.ascent(rho, eps=eps),
-    corrections.look_sam_correction(alpha, eps=eps),
-    axis_name,
-    local_perturbation,
-    two_phase,
-    statistics,
-    perturb_in_param_dtype,
-    policy,
-  )
-
-
-for _alias in (sam, asam, friendly_sam, stable_sam, gsam, look_sam):
-  _alias.__doc__ = _alias.__doc__.replace('{distributed}', _DISTRIBUTED_ARGS)
+  ascent = perturbations.ascent(rho, eps=eps)
+  correction = corrections.look_sam_correction(alpha, eps=eps)
+  options = SAMOptions.from_arguments(locals(), when=policy)
+  return wrapper.compose(base_optimizer, ascent, correction, options)

@@ -14,8 +14,7 @@ policy made without a second gradient); the defaults keep nothing and pass
 ``g`` through.
 """
 
-from collections.abc import Callable
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +22,38 @@ import optax
 
 from optax_sam._src import adaptive as adaptive_lib
 from optax_sam._src import numerics
+
+
+class InitFn(Protocol):
+  """``init(w) -> value``: an initial prepared value or memory (zeros) for the weights ``w``."""
+
+  def __call__(self, params: optax.Params) -> Any: ...
+
+
+class PrepareFn(Protocol):
+  """``prepare(g, w) -> prepared``: what ``apply`` needs from the clean gradient ``g`` at ``w``."""
+
+  def __call__(self, grads: optax.Updates, params: optax.Params) -> Any: ...
+
+
+class ApplyFn(Protocol):
+  """``apply(prepared, g_adv, w_adv) -> g_sam``: the gradient handed to the base optimizer."""
+
+  def __call__(
+    self, prepared: Any, adv_grads: optax.Updates, adv_params: optax.Params
+  ) -> optax.Updates: ...
+
+
+class RememberFn(Protocol):
+  """``remember(memory, prepared, g_sam) -> memory``: the memory after a SAM step."""
+
+  def __call__(self, memory: Any, prepared: Any, sam_grads: optax.Updates) -> Any: ...
+
+
+class ReuseFn(Protocol):
+  """``reuse(memory, g) -> g_plain``: the gradient handed to the base optimizer on a plain step."""
+
+  def __call__(self, memory: Any, grads: optax.Updates) -> optax.Updates: ...
 
 
 class Correction(NamedTuple):
@@ -44,12 +75,12 @@ class Correction(NamedTuple):
       optimizer on a plain step; ``None``: ``g`` itself.
   """
 
-  init: Callable[[optax.Params], Any]
-  prepare: Callable[[optax.Updates, optax.Params], Any]
-  apply: Callable[[Any, optax.Updates, optax.Params], optax.Updates]
-  init_memory: Callable[[optax.Params], Any] = lambda w: optax.EmptyState()
-  remember: Optional[Callable[[Any, Any, optax.Updates], Any]] = None
-  reuse: Optional[Callable[[Any, optax.Updates], optax.Updates]] = None
+  init: InitFn
+  prepare: PrepareFn
+  apply: ApplyFn
+  init_memory: InitFn = lambda w: optax.EmptyState()
+  remember: Optional[RememberFn] = None
+  reuse: Optional[ReuseFn] = None
 
 
 def no_correction() -> Correction:

@@ -1,36 +1,71 @@
 """Convolutions in the layout XLA:CPU's fast kernels take, for code that runs inside control flow.
 
 XLA:CPU runs a convolution on its fast (Eigen) kernels only when the input is
-laid out batch-spatial-feature and the kernel spatial-in-out. Its compiler
-rewrites other convolutions into that form with transposes, but only in the
-program's top level: a convolution inside a ``lax.cond`` branch or a loop body
-keeps its dimension order and runs on a generic loop 30 to 40 times slower. The
-gradients of a convolution (``jax.grad`` transposes it) are never in that order,
-so SAM's second gradient under ``when=`` would cost many plain steps on CPU.
+laid out batch-spatial-feature and the kernel spatial-in-out. Its
+``conv_canonicalization`` pass rewrites other convolutions into that form with
+transposes, but it visits only the entry computation: a convolution inside a
+``lax.cond`` branch or a loop body keeps its dimension order and runs on a
+generic loop 30 to 40 times slower. The gradients of a convolution
+(``jax.grad`` transposes it) are never in that order, so SAM's second gradient
+under ``when=`` would cost many plain steps on CPU.
 
-:func:`canonical` does the compiler's rewrite itself, on the
-function's jaxpr: every convolution becomes transposes around a convolution in
-the canonical order. The result is the same computation (transposes are exact);
-it applies when JAX's default backend is the CPU, and other backends get the
-function unchanged.
+This module is the one seam through which optax_sam runs user code in control
+flow: :func:`cond` and :func:`scan` (and :func:`canonical` for loops of the
+diagnostics) do the compiler's rewrite themselves, on the function's jaxpr:
+every convolution becomes transposes around a convolution in the canonical
+order. The result is the same computation (transposes are exact). The choice
+is made for the platform the program is lowered for
+(``lax.platform_dependent``): GPU and TPU programs get the function's own
+jaxpr. Users can turn the rewrite off with the environment variable
+``OPTAX_SAM_CPU_CONVOLUTIONS=0``, and it retires itself on the jaxlib version
+named in :data:`XLA_CPU_FIXED_IN` once XLA:CPU canonicalizes convolutions in
+control flow (a test fails when that happens, to have the version set).
 """
 
 import contextlib
 import functools
+import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.extend.core as jex
+import jaxlib
 import numpy as np
 from jax import lax
 
 _conv_p = jex.primitives.conv_general_dilated_p
 _jit_p = jex.primitives.jit_p
 
+# The first jaxlib whose XLA:CPU canonicalizes convolutions inside control flow; None while none
+# does (tests/test_cpu_convolutions.py checks it on the installed version).
+XLA_CPU_FIXED_IN: Optional[tuple[int, ...]] = None
+OPT_OUT = 'OPTAX_SAM_CPU_CONVOLUTIONS'
+
+
+def _version(text: str) -> tuple[int, ...]:
+  return tuple(int(part) for part in text.split('.')[:3] if part.isdigit())
+
+
+def enabled() -> bool:
+  """Whether the rewrite applies: not opted out, and this jaxlib's XLA:CPU still needs it."""
+  if os.environ.get(OPT_OUT, '1').strip().lower() in ('0', 'false', 'off', 'no'):
+    return False
+  return XLA_CPU_FIXED_IN is None or _version(jaxlib.__version__) < XLA_CPU_FIXED_IN
+
+
+def cond(pred: Any, true_fn: Callable[..., Any], false_fn: Callable[..., Any], *operands) -> Any:
+  """``lax.cond`` whose branches run canonical convolutions on CPU (see :func:`canonical`)."""
+  return lax.cond(pred, canonical(true_fn), canonical(false_fn), *operands)
+
+
+def scan(body: Callable[[Any, Any], Any], init: Any, xs: Any) -> Any:
+  """``lax.scan`` whose body runs canonical convolutions on CPU (see :func:`canonical`)."""
+  return lax.scan(canonical(body), init, xs)
+
 
 def canonical(fn: Callable[..., Any]) -> Callable[..., Any]:
-  r"""``fn`` with its convolutions in the order XLA:CPU runs fast, on CPU only.
+  r"""``fn`` with its convolutions in the order XLA:CPU runs fast, in programs lowered for CPU.
 
   Each ``lax.conv_general_dilated`` in ``fn`` (also inside ``jax.jit``-wrapped
   calls without shardings of their own, which are inlined) with input
@@ -54,10 +89,11 @@ def canonical(fn: Callable[..., Any]) -> Callable[..., Any]:
       numbers and flags, NumPy arrays, strings) reach ``fn`` as they are.
 
   Returns:
-    A function with ``fn``'s signature. When JAX's default backend is the CPU
-    it evaluates the rewritten jaxpr (tracing ``fn`` once, as a call of ``fn``
-    does); otherwise it calls ``fn``, so GPU and TPU programs, and their
-    tracing time, are unchanged.
+    A function with ``fn``'s signature. It traces ``fn`` once to a jaxpr and
+    stages out both versions with ``lax.platform_dependent``: a program lowered
+    for CPU evaluates the rewritten jaxpr, any other platform the jaxpr as
+    traced (only the chosen one is lowered). When :func:`enabled` is False it
+    is ``fn`` itself.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -72,7 +108,7 @@ def canonical(fn: Callable[..., Any]) -> Callable[..., Any]:
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
-    if jax.default_backend() != 'cpu':
+    if not enabled():
       return fn(*args, **kwargs)
     leaves, treedef = jax.tree.flatten((args, kwargs))
     traced = [isinstance(leaf, jax.Array) for leaf in leaves]
@@ -85,10 +121,24 @@ def canonical(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     arrays = [leaf for leaf, t in zip(leaves, traced, strict=True) if t]
     closed, out_shape = jax.make_jaxpr(call, return_shape=True)(arrays)
-    flat = _evaluate(closed.jaxpr, closed.consts, arrays)
-    return jax.tree.unflatten(jax.tree.structure(out_shape), flat)
+    if not any(_has_convolution(eqn) for eqn in closed.jaxpr.eqns):
+      flat = jex.jaxpr_as_fun(closed)(*arrays)
+    else:
+      flat = lax.platform_dependent(
+        *arrays,
+        cpu=lambda *a: _evaluate(closed.jaxpr, closed.consts, list(a)),
+        default=jex.jaxpr_as_fun(closed),
+      )
+    return jax.tree.unflatten(jax.tree.structure(out_shape), list(flat))
 
   return wrapped
+
+
+def _has_convolution(eqn: jex.JaxprEqn) -> bool:
+  """Whether the rewrite would change ``eqn``: a convolution, or a jit call that holds one."""
+  if eqn.primitive is _conv_p:
+    return eqn.params.get('out_sharding') is None
+  return _inlinable(eqn) and any(_has_convolution(e) for e in eqn.params['jaxpr'].jaxpr.eqns)
 
 
 def _is_unspecified(shardings: Any) -> bool:

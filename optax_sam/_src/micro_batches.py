@@ -3,9 +3,10 @@
 A SAM step's batch split into groups of ``m`` examples, each perturbed with its
 own gradient (m-sharpness), is what ``local_perturbation=True`` does with one
 group per device. :func:`micro_batches` makes the groups explicit, so that
-``m`` alone sets the result whatever the number of devices; the SAM wrapper
-runs them (see :func:`sharpness_aware`). :func:`accumulated_grad_fn` averages a
-gradient over micro-batches for SAM with one perturbation for the whole batch.
+``m`` alone sets the result whatever the number of devices; :func:`run` takes
+a SAM step over them by one of two routes (see :func:`micro_batches`).
+:func:`accumulated_grad_fn` averages a gradient over micro-batches for SAM
+with one perturbation for the whole batch.
 """
 
 import math
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_sam._src import cpu_convolutions
+from optax_sam._src import cpu_convolutions, numerics, one_call
 
 # The vmap route's axis: the SAM wrapper averages over it (and over its own axis_name).
 GROUP_AXIS = 'optax_sam_micro_batches'
@@ -56,8 +57,7 @@ def _leading_size(batch: Any, what: str) -> int:
 
 
 def _split(batch: Any, size: int, name: str, what: str) -> Any:
-  if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-    raise ValueError(f'{name} must be an integer >= 1, got {size!r}.')
+  numerics.check_integer(name, size, 1)
   total = _leading_size(batch, what)
   if total % size:
     raise ValueError(
@@ -216,7 +216,6 @@ def accumulated_grad_fn(
   """
   groups = _split(batch, micro_batch_size, 'micro_batch_size', 'accumulated_grad_fn')
   count = jax.tree.leaves(groups)[0].shape[0]
-  grad_fn = cpu_convolutions.canonical(grad_fn)  # it runs in a scan
 
   def accumulated(params):
     shapes = jax.eval_shape(grad_fn, params, one_group_shape(groups))
@@ -227,7 +226,100 @@ def accumulated_grad_fn(
     def body(total, micro_batch):
       return optax.tree.add(total, grad_fn(params, micro_batch)), None
 
-    total, _ = jax.lax.scan(body, zeros, groups)
+    total, _ = cpu_convolutions.scan(body, zeros, groups)
     return jax.tree.map(lambda t, s: (t / count).astype(s.dtype), total, shapes)
 
   return accumulated
+
+
+# ----------------------------------------------------------------------------------- the routes
+
+
+def run(spec: one_call.Spec, batches: MicroBatches, state, params, extra):
+  """A one-call SAM step over the groups of ``batches``, by their route."""
+  route = _vmap_route if batches.route == 'vmap' else _scan_route
+  return route(spec, batches, state, params, extra)
+
+
+def _with_group_axis(axis_name: Any) -> Any:
+  if axis_name is None:
+    return GROUP_AXIS
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  return (*names, GROUP_AXIS)
+
+
+def _vmap_route(spec: one_call.Spec, batches: MicroBatches, state, params, extra):
+  """Groups as members of a named vmap axis: the per-device code path, per group."""
+  axes = one_call.Axes(_with_group_axis(spec.options.axis_name), local=True)
+
+  def group_step(group):
+    grads = batches.grad_fn(params, group)
+    grad_fn = lambda p: batches.grad_fn(p, group)
+    return one_call.step(spec, grads, state, params, grad_fn, extra, axes)
+
+  return jax.vmap(group_step, axis_name=GROUP_AXIS, out_axes=None)(batches.groups)
+
+
+def _check_scan_policy(spec: one_call.Spec) -> None:
+  when = spec.options.when
+  if when is not None and when.reads_gradient:
+    raise ValueError(
+      "micro_batches(route='scan') decides SAM or plain before any gradient is known, so its "
+      'when= policy must not read the gradient (every, after and randomly do not; ae_sam '
+      "does). Use route='vmap' with this policy."
+    )
+
+
+def _scan_mean(spec: one_call.Spec, batches: MicroBatches, terms_of_group) -> Any:
+  """The mean over the groups (then over the devices) of a group's terms, by a scan."""
+  num_groups = jax.tree.leaves(batches.groups)[0].shape[0]
+  shapes = jax.eval_shape(terms_of_group, one_group_shape(batches.groups))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  def body(total, group):
+    return jax.tree.map(jnp.add, total, terms_of_group(group)), None
+
+  total, _ = cpu_convolutions.scan(body, zeros, batches.groups)
+  return one_call.average(jax.tree.map(lambda t: t / num_groups, total), spec.options.axis_name)
+
+
+def _scan_route(spec: one_call.Spec, batches: MicroBatches, state, params, extra):
+  """Groups one after another: sums over the groups in a ``lax.scan`` carry."""
+  _check_scan_policy(spec)
+  keep_prepared = spec.correction.remember is not None
+  alone, averaged = one_call.Axes(None, True), one_call.Axes(None, False)
+
+  def clean_gradient(group):
+    return one_call.widen(spec, batches.grad_fn(params, group), params)
+
+  def group_terms(group):
+    """A group's clean gradient and its SAM terms (F-SAM's ``e`` needs only the group's own)."""
+    g = clean_gradient(group)
+    grad_fn = lambda p: batches.grad_fn(p, group)
+    g_sam, prepared, stats, _ = one_call.member_gradient(spec, g, g, state, params, grad_fn, alone)
+    return g, g_sam, prepared if keep_prepared else optax.EmptyState(), stats
+
+  def sam_gradient(state):
+    mean_grads, g_sam, prepared, stats = _scan_mean(spec, batches, group_terms)
+    g_sam = optax.tree.cast_like(g_sam, params)
+    # The perturbation's state advances as after a step whose clean gradient is the mean.
+    wide_params = one_call.widen(spec, params, params)
+    *_, perturbation_state = one_call.perturb(
+      spec, mean_grads, state.perturbation_state, wide_params, averaged, mean_grads
+    )
+    new_state = state._replace(
+      perturbation_state=perturbation_state,
+      statistics=stats,
+      memory=one_call.remember(spec, state.memory, prepared, g_sam),
+    )
+    return g_sam, new_state
+
+  if spec.options.when is None:
+    return one_call.finish(spec, *sam_gradient(state), params, extra)
+  is_sam, state = one_call.decide(spec, None, state)
+
+  def plain(state):
+    mean_grads = _scan_mean(spec, batches, clean_gradient)
+    return one_call.plain_gradient(spec, mean_grads, mean_grads, state, params, averaged)
+
+  return one_call.conditional_step(spec, is_sam, sam_gradient, plain, state, params, extra)

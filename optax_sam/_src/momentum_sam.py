@@ -7,60 +7,17 @@ the only gradient of the step: no ``grad_fn``, and no state beyond the base
 optimizer's and one scalar.
 """
 
-from typing import Any, NamedTuple
-
 import jax
 import jax.numpy as jnp
 import optax
 
 from optax_sam._src import micro_batches as micro_batches_lib
 from optax_sam._src import numerics
+from optax_sam._src import state as state_lib
 
-_MOMENTUM_STATES = (optax.TraceState, optax.ScaleByAdamState)
-
-
-class MomentumSAMState(NamedTuple):
-  """State of :func:`momentum_sam`.
-
-  Attributes:
-    scale: ``rho / (||v|| + eps)`` for the momentum ``v`` in ``base_state``:
-      the held weights are ``w - scale * v`` (0 before the first step).
-    base_state: state of the base optimizer, at the clean weights.
-  """
-
-  scale: jax.Array
-  base_state: optax.OptState
-
-
-def _momentum_states(base_state: Any) -> list:
-  is_momentum = lambda x: isinstance(x, _MOMENTUM_STATES)
-  return [s for s in jax.tree.leaves(base_state, is_leaf=is_momentum) if is_momentum(s)]
-
-
-def momentum(base_state: optax.OptState) -> optax.Updates:
-  """The momentum ``v`` in a base optimizer's state: SGD's trace or Adam's first moment.
-
-  Args:
-    base_state: the state of ``optax.sgd(..., momentum=...)``, ``optax.adam``,
-      ``optax.adamw`` or any chain holding exactly one ``optax.TraceState`` or
-      ``optax.ScaleByAdamState``.
-
-  Returns:
-    The trace (``TraceState.trace``) or the first moment (``ScaleByAdamState.mu``).
-
-  Raises:
-    ValueError: when the state holds no momentum, or more than one.
-  """
-  states = _momentum_states(base_state)
-  if len(states) != 1:
-    found = 'no momentum' if not states else f'{len(states)} momenta'
-    raise ValueError(
-      'momentum_sam needs a base_optimizer with exactly one momentum (optax.sgd with '
-      'momentum > 0, optax.adam, optax.adamw, or a chain holding one optax.trace or '
-      f'optax.scale_by_adam); its state holds {found}.'
-    )
-  (state,) = states
-  return state.trace if isinstance(state, optax.TraceState) else state.mu
+# The state and the momentum lookup live with the other states (clean_params reads them).
+MomentumSAMState = state_lib.MomentumSAMState
+momentum = state_lib.momentum
 
 
 def momentum_sam(
@@ -127,7 +84,7 @@ def momentum_sam(
     example = jax.eval_shape(base_optimizer.init, jax.ShapeDtypeStruct((1,), jnp.float32))
   except Exception:  # noqa: BLE001 - a base that needs the real params is checked at init
     example = None
-  if example is not None and not _momentum_states(example):
+  if example is not None and not state_lib.find_states(example, state_lib.MOMENTUM_STATES):
     raise ValueError(
       'base_optimizer must have momentum for momentum_sam (optax.sgd with momentum > 0, '
       'optax.adam, optax.adamw); its state holds no optax.TraceState or ScaleByAdamState.'
@@ -148,7 +105,7 @@ def momentum_sam(
       )
     dtype = state.scale.dtype
     v_prev = momentum(state.base_state)
-    clean = _add_scaled(params, state.scale, v_prev)
+    clean = state_lib.add_scaled(params, state.scale, v_prev)
     base_updates, base_state = base_optimizer.update(updates, state.base_state, clean, **extra)
     v = momentum(base_state)
     norm = numerics.global_norm(v).astype(dtype)
@@ -162,21 +119,3 @@ def momentum_sam(
     return new_updates, MomentumSAMState(scale, base_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _add_scaled(params: Any, scale: jax.Array, v: Any) -> Any:
-  """``params + scale * v`` in the params' dtypes."""
-  return jax.tree.map(
-    lambda p, m: (p.astype(scale.dtype) + scale * m.astype(scale.dtype)).astype(p.dtype), params, v
-  )
-
-
-def momentum_sam_states(state: Any) -> list:
-  """The :class:`MomentumSAMState` s inside ``state`` (a chain, inject_hyperparams...)."""
-  is_state = lambda x: isinstance(x, MomentumSAMState)
-  return [s for s in jax.tree.leaves(state, is_leaf=is_state) if is_state(s)]
-
-
-def clean_weights(params: optax.Params, state: MomentumSAMState) -> optax.Params:
-  """``w = held + scale * v``: the clean weights of a Momentum-SAM state."""
-  return _add_scaled(params, state.scale, momentum(state.base_state))

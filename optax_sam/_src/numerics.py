@@ -1,5 +1,6 @@
 """Reductions over parameter trees, in float32 or wider, that never divide by zero."""
 
+import math
 from typing import Any
 
 import jax
@@ -75,17 +76,57 @@ def is_concrete(value: Any) -> bool:
   return True
 
 
-def check_range(name: str, value: Any, low: float = 0.0, high: float = float('inf')) -> None:
-  """Raises ``ValueError`` naming ``name`` when a concrete ``value`` is outside ``[low, high]``.
+def _allowed(low: float, high: float) -> str:
+  return f'>= {low}' if high == float('inf') else f'in [{low}, {high}]'
 
-  Traced values (as passed by ``optax.inject_hyperparams`` inside ``update``)
-  and schedules are not checked here.
+
+def check_range(name: str, value: Any, low: float = 0.0, high: float = float('inf')) -> None:
+  """Checks that a hyperparameter is a finite real number in ``[low, high]``.
+
+  A real number is a Python ``int`` or ``float``, or a NumPy or JAX scalar of
+  a numeric dtype; not a string and not a ``bool``. Traced values (as passed by
+  ``optax.inject_hyperparams`` inside ``update``) and schedules (callables)
+  cannot be checked here and are the caller's responsibility.
+
+  Raises:
+    ValueError: naming ``name``, the value received and what is allowed.
   """
-  if callable(value) or not is_concrete(value):
+  if callable(value) or isinstance(value, jax.core.Tracer):
     return
-  array = np.asarray(value, dtype=float)
+  allowed = f'{_allowed(low, high)} (a finite real number)'
+  numeric = not isinstance(value, (str, bytes, bool, np.bool_)) and is_concrete(value)
+  array = np.asarray(value) if numeric else None
+  if array is None or array.dtype.kind not in 'iuf':
+    raise ValueError(f'{name} must be {allowed}, got {value!r}.')
   if array.shape != ():
     raise ValueError(f'{name} must be a scalar, got shape {array.shape}.')
-  if not (low <= float(array) <= high):
-    allowed = f'>= {low}' if high == float('inf') else f'in [{low}, {high}]'
-    raise ValueError(f'{name} must be {allowed}, got {float(array)}.')
+  number = float(array)
+  if not (math.isfinite(number) and low <= number <= high):
+    raise ValueError(f'{name} must be {allowed}, got {number}.')
+
+
+def check_integer(name: str, value: Any, low: int = 1) -> int:
+  """Checks that ``value`` is an integer (Python or NumPy, not a ``bool``) ``>= low``.
+
+  Returns:
+    The value as a Python ``int``.
+
+  Raises:
+    ValueError: naming ``name``, the value received and what is allowed.
+  """
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f'{name} must be an integer >= {low}, got {value!r}.')
+  if value < low:
+    raise ValueError(f'{name} must be an integer >= {low}, got {value}.')
+  return int(value)
+
+
+def check_flag(name: str, value: Any) -> bool:
+  """Checks that an option is a ``bool`` (Python or NumPy) and returns it as a Python bool.
+
+  Raises:
+    TypeError: naming ``name`` and the value received.
+  """
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f'{name} must be True or False, got {value!r}.')
+  return bool(value)

@@ -22,7 +22,8 @@ class AscentState(NamedTuple):
   """State of :func:`ascent` when ``rho`` is a schedule.
 
   Attributes:
-    count: number of perturbations computed so far (completed SAM steps).
+    count: the step count: steps taken so far, each SAM step once (both of
+      its two-phase calls together) and, under ``when=``, each plain step too.
   """
 
   count: jax.Array
@@ -51,7 +52,9 @@ def ascent(
 
   Args:
     rho: radius of the perturbation (``>= 0``), or an optax schedule indexed
-      by the number of perturbations computed so far (completed SAM steps).
+      by the step count (0 at the first step; each SAM step counts once, and
+      under ``when=`` each plain step counts too, so the schedule follows the
+      training step).
       Under ``optax.inject_hyperparams`` a schedule is indexed by that
       wrapper's own count of calls instead, which two-phase mode advances
       twice per SAM step: pass schedules for ``rho`` directly.

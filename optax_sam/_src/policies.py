@@ -7,15 +7,30 @@ devices under ``axis_name``, so that every device decides alike) and branches
 with ``lax.cond``: a plain step never evaluates ``grad_fn``.
 """
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from optax_sam._src import numerics
+
+
+class InitFn(Protocol):
+  """``init() -> state``: a policy's initial state, a fixed-structure tree of arrays."""
+
+  def __call__(self) -> Any: ...
+
+
+class DecideFn(Protocol):
+  """``decide(grads, state) -> (is_sam, state)``: this step's choice and the next state.
+
+  ``grads`` is the clean gradient, averaged over devices (``None`` where the
+  policy decides before any gradient is known, for a policy with
+  ``reads_gradient=False``); ``is_sam`` is a boolean scalar array.
+  """
+
+  def __call__(self, grads: Optional[optax.Updates], state: Any) -> tuple[jax.Array, Any]: ...
 
 
 class Policy(NamedTuple):
@@ -30,8 +45,8 @@ class Policy(NamedTuple):
       is known, which the ``scan`` route of :func:`micro_batches` needs.
   """
 
-  init: Callable[[], Any]
-  decide: Callable[[optax.Updates, Any], tuple[jax.Array, Any]]
+  init: InitFn
+  decide: DecideFn
   reads_gradient: bool = True
 
 
@@ -72,14 +87,6 @@ class AESAMState(NamedTuple):
   var: jax.Array
 
 
-def _check_int(name: str, value: Any, low: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise ValueError(f'{name} must be an integer >= {low}, got {value!r}.')
-  if value < low:
-    raise ValueError(f'{name} must be an integer >= {low}, got {value}.')
-  return int(value)
-
-
 def _zero_count() -> jax.Array:
   return jnp.zeros([], jnp.int32)
 
@@ -110,7 +117,7 @@ def every(k: int) -> Policy:
     Liu et al., 2022, "Towards Efficient and Scalable Sharpness-Aware
     Minimization" (LookSAM's period): https://arxiv.org/abs/2203.02714
   """
-  k = _check_int('k', k, 1)
+  k = numerics.check_integer('k', k, 1)
 
   def decide(grads, state):
     del grads
@@ -146,7 +153,7 @@ def after(n: int) -> Policy:
     Sharpness-Aware Minimization" (SAM late in training helps as much):
     https://arxiv.org/abs/2206.06232
   """
-  n = _check_int('n', n, 0)
+  n = numerics.check_integer('n', n, 0)
 
   def decide(grads, state):
     del grads
@@ -185,7 +192,7 @@ def randomly(p: float, seed: int) -> Policy:
     https://arxiv.org/abs/2203.09962
   """
   numerics.check_range('p', p, 0.0, 1.0)
-  seed = _check_int('seed', seed, -(2**63))
+  seed = numerics.check_integer('seed', seed, -(2**63))
 
   def init():
     return RandomState(_zero_count(), jax.random.key_data(jax.random.key(seed)))
@@ -245,7 +252,7 @@ def ae_sam(
     Jiang et al., 2023, "An Adaptive Policy to Employ Sharpness-Aware
     Minimization": https://arxiv.org/abs/2304.14647
   """
-  total_steps = _check_int('total_steps', total_steps, 1)
+  total_steps = numerics.check_integer('total_steps', total_steps, 1)
   numerics.check_range('delta', delta, 0.0, 1.0)
   for name, value in (('lambda1', lambda1), ('lambda2', lambda2)):
     numerics.check_range(name, value, -float('inf'), float('inf'))

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_sam._src import numerics, perturbations
+from optax_sam._src import state as state_lib
 
 
 class SAMStatistics(NamedTuple):
@@ -63,14 +64,8 @@ def _cosine(x: Any, y: Any, norm_x: jax.Array, norm_y: jax.Array) -> jax.Array:
 
 def _previous_ema(perturbation_state: Any) -> Optional[Any]:
   """F-SAM's EMA as the step found it, or ``None`` if the perturbation keeps none."""
-  found = [
-    s
-    for s in jax.tree.leaves(
-      perturbation_state, is_leaf=lambda x: isinstance(x, perturbations.FriendlyState)
-    )
-    if isinstance(s, perturbations.FriendlyState)
-  ]
-  return found[0].ema if found else None
+  found = state_lib.find_states(perturbation_state, perturbations.FriendlyState)
+  return found[0][1].ema if found else None
 
 
 def clean_half(

@@ -5,9 +5,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optax_sam._src import chunking, numerics, tree_basis
-from optax_sam._src import hvp as hvp_lib
-from optax_sam._src import lanczos as lanczos_lib
+from optax_sam._src import numerics
+from optax_sam._src.diagnostics import chunking, tree_basis
+from optax_sam._src.diagnostics import hvp as hvp_lib
+from optax_sam._src.diagnostics import lanczos as lanczos_lib
 
 DEFAULT_TRACE_PROBES = 60
 

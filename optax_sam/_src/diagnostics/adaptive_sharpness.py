@@ -26,8 +26,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optax_sam._src import chunking, numerics
-from optax_sam._src import hvp as hvp_lib
+from optax_sam._src import numerics
+from optax_sam._src.diagnostics import chunking
+from optax_sam._src.diagnostics import hvp as hvp_lib
 
 DEFAULT_AVERAGE_SAMPLES = 32
 DEFAULT_ASCENT_STEPS = 20

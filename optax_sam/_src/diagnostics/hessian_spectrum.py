@@ -1,6 +1,6 @@
 r"""The Hessian's extreme eigenvalues (Lanczos) and its spectral density (SLQ).
 
-Both run the pytree Lanczos process of :mod:`optax_sam._src.lanczos` on the
+Both run the pytree Lanczos process of :mod:`optax_sam._src.diagnostics.lanczos` on the
 Hessian-vector products of ``loss_fn`` at ``params`` and never form the
 Hessian.
 """
@@ -10,9 +10,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optax_sam._src import chunking, numerics, tree_basis
-from optax_sam._src import hvp as hvp_lib
-from optax_sam._src import lanczos as lanczos_lib
+from optax_sam._src import numerics
+from optax_sam._src.diagnostics import chunking, tree_basis
+from optax_sam._src.diagnostics import hvp as hvp_lib
+from optax_sam._src.diagnostics import lanczos as lanczos_lib
 
 DEFAULT_EIGEN_STEPS = 20
 DEFAULT_SLQ_STEPS = 32

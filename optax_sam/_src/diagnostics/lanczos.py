@@ -38,8 +38,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optax_sam._src import hvp as hvp_lib
-from optax_sam._src import numerics, tree_basis
+from optax_sam._src import numerics
+from optax_sam._src.diagnostics import hvp as hvp_lib
+from optax_sam._src.diagnostics import tree_basis
 
 
 class LanczosResult(NamedTuple):

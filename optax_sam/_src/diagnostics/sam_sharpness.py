@@ -5,8 +5,9 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from optax_sam._src import chunking, perturbations
-from optax_sam._src import hvp as hvp_lib
+from optax_sam._src import perturbations
+from optax_sam._src.diagnostics import chunking
+from optax_sam._src.diagnostics import hvp as hvp_lib
 
 
 class SAMSharpness(NamedTuple):

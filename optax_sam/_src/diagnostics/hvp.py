@@ -6,7 +6,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from optax_sam._src import chunking
+from optax_sam._src.diagnostics import chunking
 
 LossFn = Callable[[Any, Any], jax.Array]
 

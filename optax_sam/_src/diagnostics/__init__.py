@@ -1,0 +1,1 @@
+"""The diagnostics room: Hessian products, Lanczos, trace, spectrum, SAM and adaptive sharpness."""

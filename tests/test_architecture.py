@@ -1,0 +1,153 @@
+"""The core's shape: short functions, one state search, options validated once, held weights."""
+
+import ast
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import optax_sam
+from optax_sam._src import options as options_lib
+from optax_sam._src import state as state_lib
+from tests import helpers
+
+PACKAGE = pathlib.Path(optax_sam.__file__).parent
+
+
+def _body_lengths():
+  """``(file, function, lines of its body without the docstring)`` for every function."""
+  for path in sorted(PACKAGE.rglob('*.py')):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        body = node.body
+        docstring = isinstance(body[0], ast.Expr) and isinstance(
+          getattr(body[0], 'value', None), ast.Constant
+        )
+        first = body[1] if docstring and len(body) > 1 else body[0]
+        yield path.relative_to(PACKAGE), node.name, node.end_lineno - first.lineno + 1
+
+
+def test_no_function_body_in_the_package_is_over_100_lines():
+  long = [(str(f), name, n) for f, name, n in _body_lengths() if n > 100]
+  assert not long, long
+
+
+def test_the_source_has_two_rooms():
+  rooms = {p.name for p in (PACKAGE / '_src').iterdir() if p.is_dir() and p.name != '__pycache__'}
+  assert rooms == {'diagnostics'}
+  for name in ('hvp', 'lanczos', 'trace_estimators', 'hessian_spectrum', 'sam_sharpness'):
+    assert (PACKAGE / '_src' / 'diagnostics' / f'{name}.py').exists()
+    assert not (PACKAGE / '_src' / f'{name}.py').exists()
+
+
+# ------------------------------------------------------------------------------ find_states
+
+
+def test_find_states_finds_by_type_with_paths_and_does_not_descend():
+  params = jnp.zeros(3)
+  tx = optax.chain(
+    optax.add_decayed_weights(1e-4),
+    optax_sam.sam(optax.sgd(0.1, momentum=0.9), two_phase=True),
+  )
+  state = (optax.EmptyState(), tx.init(params))
+  found = state_lib.find_states(state, state_lib.TwoPhaseSAMState)
+  assert len(found) == 1
+  path, node = found[0]
+  assert isinstance(node, state_lib.TwoPhaseSAMState)
+  assert jax.tree_util.keystr(path) == '[1][1]'
+  # The trace inside the found node is not reported when looking for SAM states...
+  assert len(state_lib.find_states(state, (state_lib.TwoPhaseSAMState, optax.TraceState))) == 1
+  # ...but is when it is what is looked for.
+  assert len(state_lib.find_states(state, optax.TraceState)) == 1
+  assert state_lib.find_states(state, optax.ScaleByAdamState) == []
+
+
+def test_find_one_refuses_several():
+  tx = optax.chain(
+    optax_sam.sam(optax.sgd(0.1), two_phase=True), optax_sam.sam(optax.sgd(0.1), two_phase=True)
+  )
+  state = tx.init(jnp.zeros(2))
+  with pytest.raises(ValueError, match='found 2'):
+    optax_sam.clean_params(jnp.zeros(2), state)
+
+
+# ------------------------------------------------------------------- clean_params, is_perturbed
+
+
+def _held_weights_after_one_step(tx, two_phase_calls):
+  params, _, grad_fn = helpers.problem()
+  state = tx.init(params)
+  for _ in range(two_phase_calls):
+    updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+OPTIMIZERS = {
+  'sam one-call': (lambda: optax_sam.sam(optax.sgd(0.1), rho=0.1), 1, False),
+  'sam two-phase, between': (
+    lambda: optax_sam.sam(optax.sgd(0.1), rho=0.1, two_phase=True),
+    1,
+    True,
+  ),
+  'sam two-phase, after': (
+    lambda: optax_sam.sam(optax.sgd(0.1), rho=0.1, two_phase=True),
+    2,
+    False,
+  ),
+  'momentum_sam': (lambda: optax_sam.momentum_sam(optax.sgd(0.1, momentum=0.9), rho=0.3), 1, True),
+  'momentum_sam rho=0': (
+    lambda: optax_sam.momentum_sam(optax.sgd(0.1, momentum=0.9), rho=0.0),
+    1,
+    False,
+  ),
+  'look_sam': (lambda: optax_sam.look_sam(optax.sgd(0.1), k=2), 1, False),
+}
+
+
+@pytest.mark.parametrize('name', OPTIMIZERS)
+def test_clean_params_and_is_perturbed_agree_for_every_optimizer(name):
+  make, calls, perturbed = OPTIMIZERS[name]
+  held, state = _held_weights_after_one_step(make(), calls)
+  wrapped = (optax.EmptyState(), state)  # inside another state, as in a chain
+  assert bool(optax_sam.is_perturbed(wrapped)) is perturbed
+  differs = helpers.max_diff(optax_sam.clean_params(held, wrapped), held) > 0
+  assert differs is perturbed
+
+
+def test_momentum_sam_is_perturbed_from_its_first_step():
+  """The held weights are w - rho v / ||v||: is_perturbed says so, as clean_params handles it."""
+  tx = optax_sam.momentum_sam(optax.sgd(0.1, momentum=0.9), rho=0.3)
+  params, _, grad_fn = helpers.problem()
+  state = tx.init(params)
+  assert not bool(optax_sam.is_perturbed(state))
+  updates, state = tx.update(grad_fn(params), state, params)
+  assert bool(jax.jit(optax_sam.is_perturbed)(state))
+
+
+# -------------------------------------------------------------------------------- the options
+
+
+def test_the_options_are_validated_once_for_every_alias():
+  with pytest.raises(
+    TypeError, match=r'when must be a Policy.*every.*after.*randomly.*ae_sam.*got 5'
+  ):
+    optax_sam.sam(optax.sgd(0.1), when=5)
+  with pytest.raises(TypeError, match='two_phase must be True or False'):
+    optax_sam.friendly_sam(optax.sgd(0.1), two_phase='yes')
+  with pytest.raises(ValueError, match='local_perturbation=True needs axis_name'):
+    optax_sam.gsam(optax.sgd(0.1), local_perturbation=True)
+  with pytest.raises(TypeError, match=r'base_optimizer must be an Optax transformation.*got 0.1'):
+    optax_sam.sam(0.1)
+
+
+def test_from_arguments_picks_the_options_by_name():
+  arguments = {'rho': 0.1, 'axis_name': 'i', 'statistics': True, 'when': None, 'ascent': object()}
+  options = options_lib.SAMOptions.from_arguments(arguments, when=optax_sam.every(2))
+  assert options.axis_name == 'i' and options.statistics and options.when is not None
+  assert not options.two_phase
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    options.two_phase = True
