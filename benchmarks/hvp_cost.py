@@ -46,8 +46,8 @@ import optax
 
 from benchmarks import models as bench_models
 from optax_sam import sharpness
-from optax_sam._src import hessian_spectrum, trace_estimators
-from optax_sam._src import hvp as hvp_lib
+from optax_sam._src.diagnostics import hessian_spectrum, trace_estimators
+from optax_sam._src.diagnostics import hvp as hvp_lib
 
 HVP_TARGET = 2.5
 
