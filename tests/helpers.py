@@ -1,10 +1,15 @@
 """A small regression problem shared by the tests; the environment of the processes they start."""
 
 import os
+from collections.abc import Callable
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+
+import optax_sam
 
 
 def problem(dtype=jnp.float32, seed=0):
@@ -51,3 +56,93 @@ def child_environment() -> dict[str, str]:
   flags = env.get('XLA_FLAGS', '').split()
   env['XLA_FLAGS'] = ' '.join(f for f in flags if 'xla_force_host_platform_device_count' not in f)
   return env
+
+
+# ------------------------------------------------------------------------------ the variants
+
+
+class Variant(NamedTuple):
+  """A SAM variant as the tests build it.
+
+  Attributes:
+    alias: the optax_sam factory.
+    hyperparameters: the tests' values (chosen so that every part of the
+      formula changes the result); ``make`` overrides them by keyword.
+    reference: the options of :class:`tests.reference.ReferenceSAM`, the
+      formulas written out in NumPy, or ``None`` for a variant with its own
+      reference (LookSAM, Momentum-SAM: tests/reference_cheap.py).
+  """
+
+  alias: Callable[..., optax.GradientTransformationExtraArgs]
+  hyperparameters: dict
+  reference: Optional[dict]
+
+  def make(self, base: optax.GradientTransformation, **options):
+    return self.alias(base, **{**self.hyperparameters, **options})
+
+
+def _variant(alias, reference=None, **hyperparameters):
+  return Variant(alias, hyperparameters, reference)
+
+
+# The one table of variants, keyed by the example's optimizer names (optax_sam._src.aliases.VARIANTS
+# names the aliases; tests/test_architecture.py checks that every one of them is here).
+VARIANTS = {
+  'sam': _variant(optax_sam.sam, dict(rho=0.1), rho=0.1),
+  'usam': _variant(optax_sam.sam, dict(rho=0.3, normalize=False), rho=0.3, normalize=False),
+  'asam': _variant(
+    optax_sam.asam,
+    dict(rho=0.5, adaptive=True, eta=0.01, scaled_keys={'kernel'}),
+    rho=0.5,
+    eta=0.01,
+  ),
+  'fsam': _variant(
+    optax_sam.friendly_sam,
+    dict(rho=0.1, friendly=True, sigma=0.6, lmbda=0.7),
+    rho=0.1,
+    sigma=0.6,
+    lmbda=0.7,
+  ),
+  'stablesam': _variant(optax_sam.stable_sam, dict(rho=0.3, normalize=False, stable=True), rho=0.3),
+  'gsam': _variant(optax_sam.gsam, dict(rho=0.1, gsam_alpha=0.4), rho=0.1, alpha=0.4),
+  'fsam+stable': _variant(
+    optax_sam.friendly_sam,
+    dict(rho=0.1, friendly=True, sigma=0.6, lmbda=0.7, stable=True),
+    rho=0.1,
+    sigma=0.6,
+    lmbda=0.7,
+    stable=True,
+  ),
+  'asam+stable': _variant(
+    optax_sam.asam,
+    dict(rho=0.5, adaptive=True, eta=0.01, scaled_keys={'kernel'}, stable=True),
+    rho=0.5,
+    eta=0.01,
+    stable=True,
+  ),
+  'sam+adaptive': _variant(optax_sam.sam, dict(rho=0.3, adaptive=True), rho=0.3, adaptive=True),
+  'fsam+adaptive': _variant(
+    optax_sam.friendly_sam,
+    dict(rho=0.3, friendly=True, sigma=0.5, adaptive=True),
+    rho=0.3,
+    sigma=0.5,
+    adaptive=True,
+  ),
+  'stablesam+adaptive': _variant(
+    optax_sam.stable_sam,
+    dict(rho=0.2, normalize=False, stable=True, adaptive=True, eta=0.05),
+    rho=0.2,
+    adaptive=True,
+    eta=0.05,
+  ),
+  'fsam(defaults)': _variant(
+    optax_sam.friendly_sam, dict(rho=0.05, friendly=True, sigma=1.0, lmbda=0.9)
+  ),
+  'looksam': _variant(optax_sam.look_sam, None, rho=0.1, alpha=0.7, k=2),
+  'msam': _variant(optax_sam.momentum_sam, None, rho=0.3),
+}
+# The variants of the SAM wrapper (momentum_sam is its own transformation: no grad_fn, no
+# two-phase mode, no when=).
+WRAPPED = tuple(name for name in VARIANTS if name != 'msam')
+# One of each part: the perturbations and corrections (and their combinations) the aliases name.
+CORE = ('sam', 'usam', 'asam', 'fsam', 'stablesam', 'gsam', 'fsam+stable', 'asam+stable')

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import optax_sam
+from optax_sam._src import aliases
 from optax_sam._src import options as options_lib
 from optax_sam._src import state as state_lib
 from tests import helpers
@@ -151,3 +152,26 @@ def test_from_arguments_picks_the_options_by_name():
   assert not options.two_phase
   with pytest.raises(dataclasses.FrozenInstanceError):
     options.two_phase = True
+
+
+# ------------------------------------------------------------------------------- the variants
+
+
+def test_every_named_variant_is_in_the_tests_table():
+  assert set(aliases.VARIANTS) <= set(helpers.VARIANTS)
+  for name, factory in aliases.VARIANTS.items():
+    alias = getattr(factory, 'func', factory)
+    assert helpers.VARIANTS[name].alias is alias, name
+
+
+def test_the_aliases_are_compositions():
+  """No alias calls another alias or the public wrapper: each composes parts with compose()."""
+  source = pathlib.Path(aliases.__file__).read_text()
+  factories = {'sam', 'asam', 'friendly_sam', 'stable_sam', 'gsam', 'look_sam', 'sharpness_aware'}
+  called = {
+    node.func.id
+    for node in ast.walk(ast.parse(source))
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+  }
+  assert not called & factories
+  assert '{distributed}' not in source and '__doc__' not in source

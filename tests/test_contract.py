@@ -10,12 +10,7 @@ import optax_sam
 from tests import helpers
 
 ALIASES = {
-  'sam': optax_sam.sam,
-  'usam': lambda b, **k: optax_sam.sam(b, normalize=False, **k),
-  'asam': optax_sam.asam,
-  'fsam': lambda b, **k: optax_sam.friendly_sam(b, sigma=0.5, **k),
-  'stable': optax_sam.stable_sam,
-  'gsam': optax_sam.gsam,
+  n: helpers.VARIANTS[n].make for n in ('sam', 'usam', 'asam', 'fsam', 'stablesam', 'gsam')
 }
 BASES = {
   'sgd': lambda: optax.sgd(0.1),

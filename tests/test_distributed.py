@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_sam
+from tests import helpers
 
 N = 8  # devices
 pytestmark = pytest.mark.devices(N)
@@ -39,37 +40,13 @@ AXIS = 'data'
 
 # name: (factory taking the distributed/two-phase options, options of the reference below)
 VARIANTS = {
-  'sam': (lambda **k: optax_sam.sam(_base(), rho=0.1, **k), dict(rho=0.1)),
-  'usam': (
-    lambda **k: optax_sam.sam(_base(), rho=0.3, normalize=False, **k),
-    dict(rho=0.3, normalize=False),
-  ),
-  'asam': (
-    lambda **k: optax_sam.asam(_base(), rho=0.5, eta=0.01, **k),
-    dict(rho=0.5, adaptive=True, eta=0.01),
-  ),
-  'fsam': (
-    lambda **k: optax_sam.friendly_sam(_base(), rho=0.1, sigma=0.6, lmbda=0.7, **k),
-    dict(rho=0.1, friendly=True, sigma=0.6, lmbda=0.7),
-  ),
-  'stable_sam': (
-    lambda **k: optax_sam.stable_sam(_base(), rho=0.3, **k),
-    dict(rho=0.3, normalize=False, stable=True),
-  ),
-  'gsam': (
-    lambda **k: optax_sam.gsam(_base(), rho=0.1, alpha=0.4, **k),
-    dict(rho=0.1, alpha=0.4),
-  ),
-  'fsam_stable': (
-    lambda **k: optax_sam.friendly_sam(_base(), rho=0.1, sigma=0.6, lmbda=0.7, stable=True, **k),
-    dict(rho=0.1, friendly=True, sigma=0.6, lmbda=0.7, stable=True),
-  ),
-  'asam_stable': (
-    lambda **k: optax_sam.asam(_base(), rho=0.5, eta=0.01, stable=True, **k),
-    dict(rho=0.5, adaptive=True, eta=0.01, stable=True),
-  ),
+  name: (
+    lambda v=helpers.VARIANTS[name], **k: v.make(_base(), **k),
+    helpers.VARIANTS[name].reference,
+  )
+  for name in helpers.CORE
 }
-FRIENDLY = ('fsam', 'fsam_stable')
+FRIENDLY = ('fsam', 'fsam+stable')
 
 
 def _base():
@@ -221,9 +198,9 @@ def _reference(name, local, steps=STEPS):
         clean = _norm({k: t[k] * g[k] for k in g})
         adv = _norm({k: t_adv[k] * g_adv[k] for k in g_adv})
         g_sam = {k: v * clean / (adv + eps) for k, v in g_adv.items()}
-      elif 'alpha' in opts:
+      elif 'gsam_alpha' in opts:
         coef = sum(np.sum(g[k] * g_adv[k]) for k in g) / (_norm(g_adv) ** 2 + eps)
-        g_sam = {k: g_adv[k] - opts['alpha'] * (g[k] - coef * g_adv[k]) for k in g}
+        g_sam = {k: g_adv[k] - opts['gsam_alpha'] * (g[k] - coef * g_adv[k]) for k in g}
       else:
         g_sam = g_adv
       g_sams.append(g_sam)
@@ -343,9 +320,7 @@ def _first(stacked):
 
 
 def _make(name, two_phase, local, **options):
-  return VARIANTS[name][0](
-    axis_name=AXIS, local_perturbation=local, two_phase=two_phase, **options
-  )
+  return VARIANTS[name][0](axis_name=AXIS, local_perturbation=local, two_phase=two_phase, **options)
 
 
 def _run_pmap(name, two_phase, local, **options):
@@ -466,7 +441,7 @@ def test_pmap(name, two_phase, local):
 
 # ---------------------------------------------------------------------------- shard_map
 
-SHARD_MAP_VARIANTS = ('usam', 'fsam_stable', 'gsam', 'asam_stable')
+SHARD_MAP_VARIANTS = ('usam', 'fsam+stable', 'gsam', 'asam+stable')
 
 
 @pytest.mark.parametrize('name', VARIANTS)
@@ -502,14 +477,14 @@ def test_shard_map_one_call_local(name):
   assert _all_reduced(hlo) == (_expected_all_reduced(name, False, True), 0)
 
 
-@pytest.mark.parametrize('name', ('fsam_stable', 'gsam'))
+@pytest.mark.parametrize('name', ('fsam+stable', 'gsam'))
 def test_shard_map_two_phase_global(name):
   params, stacked, _ = _run_shard_map(name, True, local=False)
   _assert_same_on_every_device(stacked)
   _assert_close(params, _reference(name, local=False))
 
 
-@pytest.mark.parametrize('name', ('fsam_stable', 'gsam'))
+@pytest.mark.parametrize('name', ('fsam+stable', 'gsam'))
 def test_shard_map_two_phase_local_per_device_carry(name):
   params, state = _run_shard_map_per_device_carry(name, True, local=True)
   _assert_replicas(params, state, True, local=True)
@@ -554,7 +529,7 @@ LAYOUTS = {
 }
 JIT_CASES = (
   [(name, False, 'model_sharded') for name in VARIANTS]
-  + [(name, True, 'model_sharded') for name in ('fsam_stable', 'gsam', 'asam_stable')]
+  + [(name, True, 'model_sharded') for name in ('fsam+stable', 'gsam', 'asam+stable')]
   + [('sam', False, 'replicated'), ('fsam', False, 'replicated'), ('gsam', True, 'replicated')]
 )
 

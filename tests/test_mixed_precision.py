@@ -13,16 +13,10 @@ import optax_sam
 from tests import helpers
 
 ALIASES = {
-  'sam': lambda **k: optax_sam.sam(optax.sgd(0.1, momentum=0.9), rho=0.05, **k),
-  'usam': lambda **k: optax_sam.sam(optax.sgd(0.1), rho=0.05, normalize=False, **k),
-  'asam': lambda **k: optax_sam.asam(optax.sgd(0.1), **k),
-  'fsam': lambda **k: optax_sam.friendly_sam(optax.adam(0.01), rho=0.05, **k),
-  'stable': lambda **k: optax_sam.stable_sam(optax.sgd(0.1), **k),
-  'gsam': lambda **k: optax_sam.gsam(optax.sgd(0.1), **k),
-  'fsam_stable': lambda **k: optax_sam.friendly_sam(optax.sgd(0.1), stable=True, **k),
-  'sam_every_2': lambda **k: optax_sam.sam(optax.sgd(0.1), when=optax_sam.every(2), **k),
-  'look_sam': lambda **k: optax_sam.look_sam(optax.sgd(0.1, momentum=0.9), k=2, **k),
+  name: lambda v=helpers.VARIANTS[name], **k: v.make(optax.sgd(0.1, momentum=0.9), **k)
+  for name in (*helpers.CORE, 'looksam')
 }
+ALIASES['sam every(2)'] = lambda **k: ALIASES['sam'](when=optax_sam.every(2), **k)
 NARROW = (jnp.bfloat16, jnp.float16)
 
 

@@ -12,54 +12,8 @@ from tests.reference import ReferenceSAM, global_norm
 
 LR, MOMENTUM, STEPS = 0.1, 0.9, 5
 
-# name: (factory of the optax_sam optimizer, ReferenceSAM options)
-VARIANTS = {
-  'sam': (lambda b, **k: optax_sam.sam(b, rho=0.1, **k), dict(rho=0.1)),
-  'usam': (
-    lambda b, **k: optax_sam.sam(b, rho=0.1, normalize=False, **k),
-    dict(rho=0.1, normalize=False),
-  ),
-  'sam_adaptive': (
-    lambda b, **k: optax_sam.sam(b, rho=0.3, adaptive=True, **k),
-    dict(rho=0.3, adaptive=True),
-  ),
-  'asam': (
-    lambda b, **k: optax_sam.asam(b, rho=0.5, eta=0.01, **k),
-    dict(rho=0.5, adaptive=True, eta=0.01, scaled_keys={'kernel'}),
-  ),
-  'fsam': (
-    lambda b, **k: optax_sam.friendly_sam(b, rho=0.1, sigma=0.7, lmbda=0.6, **k),
-    dict(rho=0.1, friendly=True, sigma=0.7, lmbda=0.6),
-  ),
-  'fsam_default': (
-    lambda b, **k: optax_sam.friendly_sam(b, **k),
-    dict(rho=0.05, friendly=True, sigma=1.0, lmbda=0.9),
-  ),
-  'stable': (
-    lambda b, **k: optax_sam.stable_sam(b, rho=0.2, **k),
-    dict(rho=0.2, normalize=False, stable=True),
-  ),
-  'stable_adaptive': (
-    lambda b, **k: optax_sam.stable_sam(b, rho=0.2, adaptive=True, eta=0.05, **k),
-    dict(rho=0.2, normalize=False, stable=True, adaptive=True, eta=0.05),
-  ),
-  'asam_stable': (
-    lambda b, **k: optax_sam.asam(b, rho=0.5, stable=True, **k),
-    dict(rho=0.5, adaptive=True, eta=0.01, scaled_keys={'kernel'}, stable=True),
-  ),
-  'fsam_stable': (
-    lambda b, **k: optax_sam.friendly_sam(b, rho=0.1, sigma=0.5, stable=True, **k),
-    dict(rho=0.1, friendly=True, sigma=0.5, stable=True),
-  ),
-  'fsam_adaptive': (
-    lambda b, **k: optax_sam.friendly_sam(b, rho=0.3, sigma=0.5, adaptive=True, **k),
-    dict(rho=0.3, friendly=True, sigma=0.5, adaptive=True),
-  ),
-  'gsam': (
-    lambda b, **k: optax_sam.gsam(b, rho=0.1, alpha=0.4, **k),
-    dict(rho=0.1, gsam_alpha=0.4),
-  ),
-}
+# name: (factory of the optax_sam optimizer, ReferenceSAM options), from the shared table
+VARIANTS = {n: (v.make, v.reference) for n, v in helpers.VARIANTS.items() if v.reference}
 
 
 def run_library(make, two_phase, steps=STEPS):

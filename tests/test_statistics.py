@@ -15,13 +15,8 @@ import optax_sam.flax
 from tests import helpers
 
 VARIANTS = {
-  'sam': lambda **k: optax_sam.sam(optax.sgd(0.1, momentum=0.9), rho=0.1, **k),
-  'usam': lambda **k: optax_sam.sam(optax.sgd(0.1), rho=0.3, normalize=False, **k),
-  'asam': lambda **k: optax_sam.asam(optax.sgd(0.1), **k),
-  'fsam': lambda **k: optax_sam.friendly_sam(optax.adam(0.01), rho=0.1, sigma=0.6, **k),
-  'stable': lambda **k: optax_sam.stable_sam(optax.sgd(0.1), **k),
-  'gsam': lambda **k: optax_sam.gsam(optax.sgd(0.1), **k),
-  'fsam_stable': lambda **k: optax_sam.friendly_sam(optax.sgd(0.1), stable=True, **k),
+  name: lambda v=helpers.VARIANTS[name], **k: v.make(optax.sgd(0.1, momentum=0.9), **k)
+  for name in helpers.CORE
 }
 
 

@@ -11,13 +11,7 @@ from jax.sharding import PartitionSpec as P
 import optax_sam
 from tests import helpers
 
-ALIASES = {
-  'sam': lambda b, **k: optax_sam.sam(b, rho=0.1, **k),
-  'fsam': lambda b, **k: optax_sam.friendly_sam(b, rho=0.1, sigma=0.5, **k),
-  'stable': lambda b, **k: optax_sam.stable_sam(b, rho=0.2, **k),
-  'gsam': lambda b, **k: optax_sam.gsam(b, rho=0.1, alpha=0.4, **k),
-  'asam': lambda b, **k: optax_sam.asam(b, rho=0.5, **k),
-}
+ALIASES = {n: helpers.VARIANTS[n].make for n in ('sam', 'fsam', 'stablesam', 'gsam', 'asam')}
 
 
 def _base():
@@ -119,7 +113,7 @@ def test_every_one_is_the_alias_without_when(name, two_phase):
   assert helpers.max_diff(got, want) < 1e-6  # the branch may fuse differently: float rounding
 
 
-@pytest.mark.parametrize('name', ['sam', 'stable', 'gsam', 'asam'])
+@pytest.mark.parametrize('name', ['sam', 'stablesam', 'gsam', 'asam'])
 def test_every_k_is_sam_and_base_steps_interleaved_by_hand(name):
   """Steps 0, 3, 6 are the alias's SAM steps, the others the base optimizer's, one base state."""
   params, _, grad_fn = helpers.problem()

@@ -7,12 +7,15 @@ line, ``SAMOptions.from_arguments(locals())``. Its hyperparameters stay
 explicit keyword parameters, so that ``optax.inject_hyperparams`` can bind them.
 """
 
+import functools
+from collections.abc import Callable
 from typing import Any, Optional
 
 import optax
 
 from optax_sam._src import adaptive as adaptive_lib
 from optax_sam._src import corrections, perturbations, policies
+from optax_sam._src import momentum_sam as momentum_sam_lib
 from optax_sam._src import options as options_lib
 from optax_sam._src import sharpness_aware as wrapper
 
@@ -406,3 +409,18 @@ def look_sam(
   correction = corrections.look_sam_correction(alpha, eps=eps)
   options = SAMOptions.from_arguments(locals(), when=policy)
   return wrapper.compose(base_optimizer, ascent, correction, options)
+
+
+# The named variants, by the short names of the example's --optimizer (and of the benchmarks and
+# the tests' variant table, tests/helpers.py): a new alias adds its row here, and
+# tests/test_architecture.py checks that the tests, the benchmarks and the example know it.
+VARIANTS: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] = {
+  'sam': sam,
+  'usam': functools.partial(sam, normalize=False),
+  'asam': asam,
+  'fsam': friendly_sam,
+  'stablesam': stable_sam,
+  'gsam': gsam,
+  'looksam': look_sam,
+  'msam': momentum_sam_lib.momentum_sam,
+}

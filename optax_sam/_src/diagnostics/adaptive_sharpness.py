@@ -75,11 +75,6 @@ def _check_rho(rho: Any) -> None:
   numerics.check_range('rho', rho)
 
 
-def _check_count(name: str, value: Any) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-    raise ValueError(f'{name} must be an int >= 1, got {value!r}.')
-
-
 def average_sharpness(
   loss_fn: hvp_lib.LossFn,
   params: Any,
@@ -134,7 +129,7 @@ def average_sharpness(
   """
   _check_rho(rho)
   chunking.check_num_chunks(num_chunks)
-  _check_count('num_samples', num_samples)
+  numerics.check_integer('num_samples', num_samples)
   if num_samples < 2:
     raise ValueError(f'num_samples must be >= 2 to estimate the error, got {num_samples}.')
   c = _scale(params, adaptive)
@@ -225,7 +220,7 @@ def worst_case_sharpness(
   """
   _check_rho(rho)
   chunking.check_num_chunks(num_chunks)
-  _check_count('num_steps', num_steps)
+  numerics.check_integer('num_steps', num_steps)
   if norm not in ('l2', 'linf'):
     raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}.")
   if step_size is not None:

@@ -7,13 +7,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_sam._src import cpu_convolutions
+from optax_sam._src import cpu_convolutions, numerics
 
 
 def check_num_chunks(num_chunks: int) -> None:
-  """Raises ``ValueError`` unless ``num_chunks`` is a positive Python int."""
-  if not isinstance(num_chunks, int) or isinstance(num_chunks, bool) or num_chunks < 1:
-    raise ValueError(f'num_chunks must be a positive int, got {num_chunks!r}.')
+  """Raises ``ValueError`` unless ``num_chunks`` is an integer ``>= 1``."""
+  numerics.check_integer('num_chunks', num_chunks, 1)
 
 
 def _batch_size(batch: Any, num_chunks: int) -> int:

@@ -47,11 +47,6 @@ class HessianEigenvalues(NamedTuple):
   krylov_dim: jax.Array
 
 
-def _check_int(name: str, value: Any, low: int = 1) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value < low:
-    raise ValueError(f'{name} must be an int >= {low}, got {value!r}.')
-
-
 def hessian_eigenvalues(
   loss_fn: hvp_lib.LossFn,
   params: Any,
@@ -133,8 +128,8 @@ def hessian_eigenvalues(
     Ghorbani et al., 2019, "An Investigation into Neural Net Optimization via
     Hessian Eigenvalue Density": https://arxiv.org/abs/1901.10159
   """
-  _check_int('num_steps', num_steps)
-  _check_int('k', k)
+  numerics.check_integer('num_steps', num_steps)
+  numerics.check_integer('k', k)
   chunking.check_num_chunks(num_chunks)
   if which not in ('largest', 'magnitude'):
     raise ValueError(f"which must be 'largest' or 'magnitude', got {which!r}.")
@@ -268,8 +263,8 @@ def hessian_spectral_density(
     matrices", SIAM Review 58; Ghorbani et al., 2019:
     https://arxiv.org/abs/1901.10159
   """
-  _check_int('num_probes', num_probes)
-  _check_int('num_steps', num_steps)
+  numerics.check_integer('num_probes', num_probes)
+  numerics.check_integer('num_steps', num_steps)
   chunking.check_num_chunks(num_chunks)
   hvp = hvp_lib.hvp_fn(loss_fn, params, batch, num_chunks)
 

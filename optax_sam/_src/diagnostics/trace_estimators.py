@@ -110,8 +110,7 @@ def hessian_trace(
   if method not in ('hutchinson', 'hutch++'):
     raise ValueError(f"method must be 'hutchinson' or 'hutch++', got {method!r}.")
   low = 2 if method == 'hutchinson' else 4
-  if not isinstance(num_probes, int) or isinstance(num_probes, bool) or num_probes < low:
-    raise ValueError(f'num_probes must be an int >= {low} for {method}, got {num_probes!r}.')
+  numerics.check_integer(f'num_probes (for {method})', num_probes, low)
   hvp = hvp_lib.hvp_fn(loss_fn, params, batch, num_chunks)
   dtype = numerics.accumulation_dtype(params)
 
