@@ -22,7 +22,7 @@ Cases, all with :func:`benchmarks.cases.base_optimizer` (SGD with momentum):
 
 Each case is compiled once with donated arguments (``memory_analysis()`` gives
 its argument and temporary bytes), warmed up, then timed in interleaved rounds
-as in :mod:`benchmarks.run` (rotated order, reversed every other round). The
+as in :mod:`benchmarks.harness` (rotated order, reversed every other round). The
 ratios are medians of per-round ratios to ``base`` with a bootstrap 95%
 interval; the script prints PASS/MISS for each target and writes
 ``cheap.json`` and ``cheap.md`` into ``--out``.
@@ -37,9 +37,9 @@ import optax
 
 import optax_sam
 from benchmarks import cases as cases_lib
-from benchmarks import models, run
-from optax_sam._src import momentum_sam as momentum_sam_lib
+from benchmarks import harness, models
 from optax_sam._src import numerics
+from optax_sam._src import state as state_lib
 
 TARGETS = {  # case: the largest allowed ratio of its time per step to the base step's
   'when/plain': 1.03,
@@ -68,7 +68,7 @@ def momentum_norm(base: optax.GradientTransformation) -> optax.GradientTransform
 
   def update_fn(updates, state, params=None):
     updates, base_state = base.update(updates, state.base_state, params)
-    norm = numerics.global_norm(momentum_sam_lib.momentum(base_state))
+    norm = numerics.global_norm(state_lib.momentum(base_state))
     return updates, _NormState(norm, base_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -112,12 +112,12 @@ def expected_state_bytes(name: str, param_bytes: int) -> int:
   }[name]
 
 
-def measure(model: models.Model, settings: run.Settings, log=print) -> dict:
+def measure(model: models.Model, settings: harness.Settings, log=print) -> dict:
   params, model_state = model.init(jax.random.key(0))
   batch = model.batch(jax.random.key(1))
   p_bytes = models.param_bytes(params)
   runners = [
-    run.Runner(c, params, model_state, batch, settings.compiler_options) for c in build(model)
+    harness.Runner(c, params, model_state, batch, settings.compiler_options) for c in build(model)
   ]
   log(f'\n== {model.name}: {model.description}, {p_bytes:,} parameter bytes')
   estimate = {}
@@ -128,14 +128,14 @@ def measure(model: models.Model, settings: run.Settings, log=print) -> dict:
   round_s = steps * sum(estimate.values())
   rounds = int(np.clip(settings.budget_s // max(round_s, 1e-9), settings.min_rounds, 201))
   log(f'  timing: {rounds} rounds x {steps} steps per case (~{round_s:.2f} s per round)')
-  times = run.interleaved(runners, rounds, steps)
+  times = harness.interleaved(runners, rounds, steps)
   base_t = np.asarray(times['base'])
   base_arg = next(r for r in runners if r.case.name == 'base').memory['argument']
   cases = {}
   for r in runners:
     t = np.asarray(times[r.case.name])
     ratios = t / base_t
-    low, high = run._bootstrap_ci(ratios)
+    low, high = harness.bootstrap_ci(ratios)
     delta = r.memory['argument'] - base_arg
     cases[r.case.name] = dict(
       time_ms=float(np.median(t) * 1e3),
@@ -174,7 +174,7 @@ def check(result: dict) -> list:
 
 
 def markdown(results: list) -> str:
-  return run.side_table(
+  return harness.side_table(
     results,
     lambda m: f'{m["param_bytes"]:,} parameter bytes',
     'base',
@@ -188,16 +188,16 @@ def markdown(results: list) -> str:
 
 
 def main(argv=None) -> dict:
-  args = run.side_arguments(__doc__, 'benchmarks/results/cpu-cheap', argv)
-  settings = run.side_settings(args)
-  specs = run.model_specs(args.quick, resnet_batch=run.default_resnet_batch())
+  args = harness.side_arguments(__doc__, 'benchmarks/results/cpu-cheap', argv)
+  settings = harness.side_settings(args)
+  specs = harness.model_specs(args.quick, resnet_batch=harness.default_resnet_batch())
   results, lines = [], []
   for name in args.models.split(','):
     result = measure(specs[name][0], settings)
     results.append(result)
     lines += check(result)
   text = markdown(results) + '\n' + '\n'.join(lines) + '\n'
-  run.save(args.out, 'cheap', argv, results, text)
+  harness.save(args.out, 'cheap', argv, results, text)
   return dict(models=results, checks=lines)
 
 

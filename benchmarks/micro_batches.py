@@ -15,7 +15,7 @@ Cases, all SAM (``optax_sam.sam`` on SGD with momentum) on the same batch:
 
 The grouped steps compute no loss (their clean gradients are the step's own), the others get it
 from ``value_and_grad``. Each case is compiled once with donated arguments and timed in
-interleaved rounds as in :mod:`benchmarks.run`; the table gives the median ratio of each case's
+interleaved rounds as in :mod:`benchmarks.harness`; the table gives the median ratio of each case's
 time per step to ``sam``'s, with a bootstrap 95% interval, and the compiled temporaries
 (``memory_analysis()``). Writes ``micro_batches.json`` and ``micro_batches.md`` into ``--out``.
 """
@@ -27,7 +27,7 @@ import optax
 
 import optax_sam
 from benchmarks import cases as cases_lib
-from benchmarks import models, run
+from benchmarks import harness, models
 
 GROUP_SIZES = (8, 32)
 MICRO_BATCHES = 4
@@ -68,12 +68,12 @@ def build(model: models.Model, group_sizes=GROUP_SIZES) -> list:
 
 
 def measure(
-  model: models.Model, settings: run.Settings, group_sizes=GROUP_SIZES, log=print
+  model: models.Model, settings: harness.Settings, group_sizes=GROUP_SIZES, log=print
 ) -> dict:
   params, model_state = model.init(jax.random.key(0))
   batch = model.batch(jax.random.key(1))
   runners = [
-    run.Runner(c, params, model_state, batch, settings.compiler_options)
+    harness.Runner(c, params, model_state, batch, settings.compiler_options)
     for c in build(model, group_sizes)
   ]
   log(f'\n== {model.name}: {model.description}, batch {model.batch_size}')
@@ -85,13 +85,13 @@ def measure(
   round_s = steps * sum(estimate.values())
   rounds = int(np.clip(settings.budget_s // max(round_s, 1e-9), settings.min_rounds, 101))
   log(f'  timing: {rounds} rounds x {steps} steps per case (~{round_s:.2f} s per round)')
-  times = run.interleaved(runners, rounds, steps, log)
+  times = harness.interleaved(runners, rounds, steps, log)
   sam_t = np.asarray(times['sam'])
   cases = {}
   for r in runners:
     t = np.asarray(times[r.case.name])
     ratios = t / sam_t
-    low, high = run._bootstrap_ci(ratios)
+    low, high = harness.bootstrap_ci(ratios)
     cases[r.case.name] = dict(
       time_ms=float(np.median(t) * 1e3),
       ratio_vs_sam=float(np.median(ratios)),
@@ -110,7 +110,7 @@ def measure(
 
 
 def markdown(results: list) -> str:
-  return run.side_table(
+  return harness.side_table(
     results,
     lambda m: f'batch {m["batch_size"]}',
     'sam',
@@ -122,12 +122,12 @@ def markdown(results: list) -> str:
 
 
 def main(argv=None) -> dict:
-  args = run.side_arguments(__doc__, 'benchmarks/results/micro-batches-cpu', argv)
-  settings = run.side_settings(args)
-  specs = run.model_specs(args.quick, resnet_batch=128)
+  args = harness.side_arguments(__doc__, 'benchmarks/results/micro-batches-cpu', argv)
+  settings = harness.side_settings(args)
+  specs = harness.model_specs(args.quick, resnet_batch=128)
   group_sizes = (2, 4) if args.quick else GROUP_SIZES  # quick models have batch 8
   results = [measure(specs[name][0], settings, group_sizes) for name in args.models.split(',')]
-  run.save(args.out, 'micro_batches', argv, results, markdown(results))
+  harness.save(args.out, 'micro_batches', argv, results, markdown(results))
   return dict(models=results)
 
 

@@ -24,7 +24,6 @@ relative to the minimal one-call step, from interleaved rounds.
 """
 
 import argparse
-import gc
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +31,7 @@ import numpy as np
 import optax
 
 from benchmarks import cases as cases_lib
-from benchmarks import models, run
+from benchmarks import harness, models
 
 
 def _where_two_phase(model: models.Model, ordered: bool):
@@ -91,19 +90,11 @@ def main(argv=None) -> None:
     init, step = _where_two_phase(model, ordered)
     studied.append(cases_lib.Case(name, 'study', 'sam', '2phase', 2, init, step, None))
   studied.append(named['contrib/transparent'])
-  runners = [run.Runner(c, params, model_state, batch) for c in studied]
+  runners = [harness.Runner(c, params, model_state, batch) for c in studied]
   for r in runners:
     r.run(1)
   steps = max(1, round(0.05 / runners[1].run(1)))
-  times = {r.case.name: [] for r in runners}
-  gc.disable()
-  try:
-    for i in range(args.rounds):
-      order = runners[i % len(runners) :] + runners[: i % len(runners)]
-      for r in order if i % 2 == 0 else order[::-1]:
-        times[r.case.name].append(r.run(steps))
-  finally:
-    gc.enable()
+  times = harness.interleaved(runners, args.rounds, steps)
   print(f'{model.name}: P = {p_bytes:,} bytes, {args.rounds} rounds of {steps} SAM steps')
   print('| step | temp / P | HLO copies | ms / SAM step | x minimal [95% CI] |')
   print('|---|---:|---:|---:|---|')
@@ -111,7 +102,7 @@ def main(argv=None) -> None:
   for r in runners:
     t = np.asarray(times[r.case.name])
     ratios = t / reference
-    low, high = run._bootstrap_ci(ratios)
+    low, high = harness.bootstrap_ci(ratios)
     print(
       f'| {r.case.name} | {r.memory["temp"] / p_bytes:.2f} | '
       f'{r.compiled.as_text().count(" copy(")} | {np.median(t) * 1e3:.2f} | '

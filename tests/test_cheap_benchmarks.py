@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from benchmarks import cheap, cheap_study, models, run
+from benchmarks import cheap, cheap_study, harness, models
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -88,10 +88,10 @@ def test_momentum_norm_keeps_the_base_updates_and_the_norm_of_the_new_momentum()
 
 
 def test_side_settings_apply_the_budget():
-  parse = lambda *argv: run.side_settings(run.side_arguments('doc', 'out', list(argv)))
-  assert parse().budget_s == run.FULL.budget_s
+  parse = lambda *argv: harness.side_settings(harness.side_arguments('doc', 'out', list(argv)))
+  assert parse().budget_s == harness.FULL.budget_s
   assert parse('--budget', '7').budget_s == 7.0
-  assert parse('--quick') == run.QUICK
+  assert parse('--quick') == harness.QUICK
 
 
 STUB_PYTHON = """#!/usr/bin/env bash

@@ -23,8 +23,10 @@ import pytest
 from flax import nnx
 
 import optax_sam
+from optax_sam.examples import checkpoints as checkpoints_lib
 from optax_sam.examples import config as config_lib
 from optax_sam.examples import data as data_lib
+from optax_sam.examples import main as main_lib
 from optax_sam.examples import models, reporting, train
 
 # One tiny run: 4 channels, 64 examples a step, constant learning rate (the same compiled step
@@ -59,7 +61,7 @@ def restored_state(workdir, config, dataset):
   """The last checkpoint in ``workdir``: (model, optimizer) updated to it, its state, its meta."""
   model = train.create_model(config, dataset)
   optimizer = nnx.Optimizer(model, train.create_optimizer(config, 4), wrt=nnx.Param)
-  checkpoints = train.Checkpoints(workdir / train.CHECKPOINT_DIR, create=False)
+  checkpoints = checkpoints_lib.Checkpoints(workdir / checkpoints_lib.CHECKPOINT_DIR, create=False)
   state, meta = checkpoints.restore(
     checkpoints.latest_epoch(), train._checkpointed(model, optimizer)
   )
@@ -348,7 +350,7 @@ def test_resume_refuses_changed_options_and_leaves_the_run_alone(tmp_path, digit
     TINY, workdir, dataset=dataset_full_digits(), progress=False, log=lambda _: None
   )
   before = (workdir / reporting.METRICS_FILE).read_text()
-  code = train.main([*TINY_FLAGS, '--epochs=2', '--lr=0.5', '--resume', f'--workdir={workdir}'])
+  code = main_lib.main([*TINY_FLAGS, '--epochs=2', '--lr=0.5', '--resume', f'--workdir={workdir}'])
   err = capsys.readouterr().err
   assert code == 2 and err.count('\n') == 1
   assert 'only --epochs may change when resuming' in err and '--lr 0.1 -> 0.5' in err
@@ -361,7 +363,7 @@ def dataset_full_digits():
 
 def test_main_prints_the_final_test_accuracy_last(tmp_path, capsys):
   workdir = tmp_path / 'out'
-  assert train.main([*TINY_FLAGS, '--epochs=1', f'--workdir={workdir}']) == 0
+  assert main_lib.main([*TINY_FLAGS, '--epochs=1', f'--workdir={workdir}']) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   metrics = json.loads((workdir / reporting.METRICS_FILE).read_text())
   accuracy = metrics['final']['test_accuracy']
@@ -370,7 +372,9 @@ def test_main_prints_the_final_test_accuracy_last(tmp_path, capsys):
 
 
 def test_compare_trains_each_optimizer_and_tabulates_their_metrics(tmp_path, capsys):
-  assert train.main([*TINY_FLAGS, '--epochs=1', f'--workdir={tmp_path}', '--compare=sgd,sam']) == 0
+  assert (
+    main_lib.main([*TINY_FLAGS, '--epochs=1', f'--workdir={tmp_path}', '--compare=sgd,sam']) == 0
+  )
   out = capsys.readouterr().out.strip().splitlines()
   assert out[-3].startswith('optimizer  train loss  train acc  test acc  best test acc  time (s)')
   table = json.loads((tmp_path / reporting.COMPARISON_FILE).read_text())
@@ -424,7 +428,7 @@ BAD_INPUT = [
 @pytest.mark.parametrize(('argv', 'message'), BAD_INPUT)
 def test_bad_input_is_one_line_on_stderr_and_writes_nothing(tmp_path, capsys, argv, message):
   workdir = tmp_path / 'runs' / 'x'
-  assert train.main([*argv, f'--workdir={workdir}']) == 2
+  assert main_lib.main([*argv, f'--workdir={workdir}']) == 2
   captured = capsys.readouterr()
   assert captured.out == ''
   assert captured.err.startswith('error: ') and captured.err.count('\n') == 1
@@ -435,7 +439,7 @@ def test_bad_input_is_one_line_on_stderr_and_writes_nothing(tmp_path, capsys, ar
 def test_unusable_workdir_is_refused_before_anything_is_written(tmp_path, capsys):
   blocker = _file(tmp_path)
   for workdir in (blocker, blocker / 'run'):
-    assert train.main(['--dataset=digits', f'--workdir={workdir}']) == 2
+    assert main_lib.main(['--dataset=digits', f'--workdir={workdir}']) == 2
     err = capsys.readouterr().err
     assert err == f'error: --workdir {workdir} is not usable: {blocker} is a file, not a folder\n'
   assert blocker.read_text() == 'not a folder'
@@ -443,12 +447,12 @@ def test_unusable_workdir_is_refused_before_anything_is_written(tmp_path, capsys
 
 def test_read_only_workdir_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
   # (root may write anywhere, so the permission check is simulated)
-  real_access = train.os.access
+  real_access = main_lib.os.access
   monkeypatch.setattr(
-    train.os, 'access', lambda path, mode: False if path == tmp_path else real_access(path, mode)
+    main_lib.os, 'access', lambda path, mode: False if path == tmp_path else real_access(path, mode)
   )
   workdir = tmp_path / 'runs' / 'sam'
-  assert train.main(['--dataset=digits', f'--workdir={workdir}']) == 2
+  assert main_lib.main(['--dataset=digits', f'--workdir={workdir}']) == 2
   err = capsys.readouterr().err
   assert (
     err == f'error: --workdir {workdir} is not writable: no permission to write in {tmp_path}\n'
@@ -458,14 +462,14 @@ def test_read_only_workdir_is_refused_before_anything_is_written(tmp_path, capsy
 
 def test_missing_dataset_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
   monkeypatch.setitem(sys.modules, 'tensorflow_datasets', None)
-  assert train.main(['--dataset=cifar10', f'--workdir={tmp_path / "c"}']) == 2
+  assert main_lib.main(['--dataset=cifar10', f'--workdir={tmp_path / "c"}']) == 2
   err = capsys.readouterr().err
   assert err == (
     'error: dataset cifar10 needs tensorflow-datasets, which is not installed; '
     'install it with: pip install tensorflow-datasets tensorflow\n'
   )
   monkeypatch.setitem(sys.modules, 'tensorflow_datasets', FakeTfds(fail=True))
-  assert train.main(['--dataset=cifar10', f'--workdir={tmp_path / "c"}']) == 2
+  assert main_lib.main(['--dataset=cifar10', f'--workdir={tmp_path / "c"}']) == 2
   assert (
     'error: dataset cifar10 is not prepared in ~/tensorflow_datasets' in capsys.readouterr().err
   )

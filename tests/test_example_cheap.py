@@ -11,6 +11,7 @@ from flax import nnx
 
 import optax_sam
 from optax_sam.examples import config as config_lib
+from optax_sam.examples import main as main_lib
 from optax_sam.examples import train
 from tests.test_example import (  # noqa: F401
   BASE,
@@ -99,7 +100,7 @@ def test_msam_resume_reaches_the_same_state_as_a_straight_run(tmp_path, digits):
 
 @pytest.mark.parametrize('flags', [['--optimizer=looksam', '--sam-every=2'], ['--sam-after=0.5']])
 def test_short_runs_with_the_new_flags(tmp_path, capsys, flags):
-  assert train.main([*TINY_FLAGS, '--epochs=2', f'--workdir={tmp_path}', *flags]) == 0
+  assert main_lib.main([*TINY_FLAGS, '--epochs=2', f'--workdir={tmp_path}', *flags]) == 0
   last = capsys.readouterr().out.strip().splitlines()[-1]
   assert last.startswith('final test accuracy: ')
 
@@ -117,7 +118,7 @@ def test_short_runs_with_the_new_flags(tmp_path, capsys, flags):
   ],
 )
 def test_bad_cheap_flags_are_one_line_errors(tmp_path, capsys, argv, message):
-  assert train.main([*argv, f'--workdir={tmp_path / "x"}']) == 2
+  assert main_lib.main([*argv, f'--workdir={tmp_path / "x"}']) == 2
   err = capsys.readouterr().err
   assert err.startswith('error: ') and err.count('\n') == 1 and message in err
   assert not (tmp_path / 'x').exists()

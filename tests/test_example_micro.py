@@ -9,6 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
+from optax_sam.examples import main as main_lib
 from optax_sam.examples import train
 from tests.test_example import TINY, TINY_FLAGS, digits, key_data_leaves  # noqa: F401
 
@@ -123,10 +124,10 @@ def test_a_step_equals_its_formula(digits, mode):  # noqa: F811
 
 def test_a_run_with_m_sharpness_then_a_resume_that_changes_it(tmp_path, capsys):
   flags = [*TINY_FLAGS, '--dropout=0', f'--workdir={tmp_path}', '--m-sharpness=16']
-  assert train.main(flags) == 0
+  assert main_lib.main(flags) == 0
   last = capsys.readouterr().out.strip().splitlines()[-1]
   assert last.startswith('final test accuracy: ')
-  assert train.main([*flags, '--resume', '--m-sharpness=32', '--epochs=2']) == 2
+  assert main_lib.main([*flags, '--resume', '--m-sharpness=32', '--epochs=2']) == 2
   assert '--m-sharpness 16 -> 32' in capsys.readouterr().err
 
 
@@ -144,7 +145,7 @@ def test_a_run_with_m_sharpness_then_a_resume_that_changes_it(tmp_path, capsys):
   ],
 )
 def test_bad_micro_batch_flags_are_one_line_errors(tmp_path, capsys, argv, message):
-  assert train.main([*argv, f'--workdir={tmp_path / "x"}']) == 2
+  assert main_lib.main([*argv, f'--workdir={tmp_path / "x"}']) == 2
   err = capsys.readouterr().err
   assert err.startswith('error: ') and err.count('\n') == 1 and message in err
   assert not (tmp_path / 'x').exists()
@@ -156,14 +157,14 @@ def test_every_documented_command_parses():
   import shlex
 
   lines = (pathlib.Path(__file__).parents[1] / 'docs' / 'example.md').read_text().splitlines()
-  prefix, in_block, commands = 'python -m optax_sam.examples.train', False, []
+  prefix, in_block, commands = 'python -m optax_sam.examples.main', False, []
   for line in lines:
     in_block ^= line.startswith('```')
     if in_block and line.startswith(prefix):
       commands.append(line.split('#')[0].rstrip(' &'))
   assert len(commands) >= 8 and any('--m-sharpness' in c for c in commands)
   for command in commands:
-    train.make_plan(shlex.split(command)[len(prefix.split()) :])
+    main_lib.make_plan(shlex.split(command)[len(prefix.split()) :])
 
 
 def test_documented_errors_are_the_ones_printed(tmp_path, capsys):
@@ -173,12 +174,52 @@ def test_documented_errors_are_the_ones_printed(tmp_path, capsys):
 
   lines = (pathlib.Path(__file__).parents[1] / 'docs' / 'example.md').read_text().splitlines()
   pairs = [
-    (command[len('$ python -m optax_sam.examples.train ') :], error)
+    (command[len('$ python -m optax_sam.examples.main ') :], error)
     for command, error in zip(lines, lines[1:], strict=False)
-    if command.startswith('$ python -m optax_sam.examples.train') and error.startswith('error: ')
+    if command.startswith('$ python -m optax_sam.examples.main') and error.startswith('error: ')
   ]
   portable = [(c, e) for c, e in pairs if '--workdir' not in c and 'cifar10' not in c]
   assert len(portable) >= 3
   for command, error in portable:
-    assert train.main([*shlex.split(command), f'--workdir={tmp_path / "x"}']) == 2
+    assert main_lib.main([*shlex.split(command), f'--workdir={tmp_path / "x"}']) == 2
     assert capsys.readouterr().err.strip() == error
+
+
+def test_main_and_train_are_the_same_command():
+  """``python -m optax_sam.examples.train`` runs main.py's command, under its own name."""
+  import subprocess
+  import sys
+
+  helps = {}
+  for module in ('main', 'train'):
+    helps[module] = subprocess.run(
+      [sys.executable, '-m', f'optax_sam.examples.{module}', '--help'],
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout
+    assert helps[module].startswith(f'usage: python -m optax_sam.examples.{module} ')
+  assert helps['main'].split('\noptions:')[1] == helps['train'].split('\noptions:')[1]
+
+
+def test_the_default_rho_of_each_optimizer_is_the_library_alias_default():
+  import inspect
+
+  import optax_sam
+  from optax_sam.examples import config as config_lib
+
+  default = lambda alias, name='rho': inspect.signature(alias).parameters[name].default
+  expected = {
+    'sgd': 0.0,
+    'sam': default(optax_sam.sam),
+    'stablesam': default(optax_sam.sam),
+    'asam': default(optax_sam.asam),
+    'fsam+asam': default(optax_sam.asam),
+    'fsam': default(optax_sam.friendly_sam),
+    'gsam': default(optax_sam.gsam),
+    'looksam': default(optax_sam.look_sam),
+    'msam': default(optax_sam.momentum_sam),
+  }
+  got = {name: config_lib.Config(optimizer=name).resolved_rho for name in expected}
+  assert got == expected
+  assert config_lib.Config().resolved_eta == default(optax_sam.asam, 'eta')

@@ -18,7 +18,9 @@ import sys
 import numpy as np
 import pytest
 
+from optax_sam.examples import checkpoints as checkpoints_lib
 from optax_sam.examples import config as config_lib
+from optax_sam.examples import main as main_lib
 from optax_sam.examples import multiprocess, reporting, train
 from tests.test_example import restored_state
 from tests.test_multihost import _run_job
@@ -81,7 +83,7 @@ def _assert_histories_close(got: list[dict], want: list[dict]) -> None:
 def _checkpointed_leaves(workdir: pathlib.Path, config: config_lib.Config) -> list[np.ndarray]:
   """Every array of the last checkpoint in ``workdir``, restored onto this process's device."""
   _, _, state, _ = restored_state(workdir, config, train.load_dataset(config))
-  return [np.asarray(leaf) for leaf in train._flat(state).values()]
+  return [np.asarray(leaf) for leaf in checkpoints_lib._flat(state).values()]
 
 
 def _single_process_run(tmp_path: pathlib.Path, epochs: int) -> tuple[dict, list[str]]:
@@ -92,8 +94,8 @@ def _single_process_run(tmp_path: pathlib.Path, epochs: int) -> tuple[dict, list
     f'--workdir={tmp_path / "one"}',
   ]
   lines = []
-  results = train.run(
-    train.make_plan(argv), log=lines.append, parallel=multiprocess.data_parallel()
+  results = main_lib.run(
+    main_lib.make_plan(argv), log=lines.append, parallel=multiprocess.data_parallel()
   )
   return results['sam'], lines
 
@@ -115,9 +117,14 @@ def test_two_processes_match_one_process_write_once_and_resume(tmp_path):
     assert output[1].splitlines()[0] == 'process 1 of 2: 4 of 8 cpu devices'
     assert not _lines(output[1], EPOCH_LINE) and not _lines(output[1], FINAL_LINE)
     assert 'metrics and plot in' not in output[1]
-  assert f'resumed from epoch 1 in {run / train.CHECKPOINT_DIR}' in resumed[0]
+  assert f'resumed from epoch 1 in {run / checkpoints_lib.CHECKPOINT_DIR}' in resumed[0]
   assert sorted(p.name for p in run.iterdir()) == sorted(
-    [train.CHECKPOINT_DIR, reporting.METRICS_FILE, reporting.CURVES_FILE, reporting.SHARPNESS_PLOT]
+    [
+      checkpoints_lib.CHECKPOINT_DIR,
+      reporting.METRICS_FILE,
+      reporting.CURVES_FILE,
+      reporting.SHARPNESS_PLOT,
+    ]
   )
   assert (run / reporting.CURVES_FILE).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   assert [h['epoch'] for h in metrics['history']] == [1, 2]
@@ -129,7 +136,8 @@ def test_two_processes_match_one_process_write_once_and_resume(tmp_path):
   _assert_histories_close(metrics['history'], single['history'])
   assert metrics['final']['test_accuracy'] == single['final']['test_accuracy']
   assert metrics['final']['test_loss'] == pytest.approx(single['final']['test_loss'], rel=1e-5)
-  config = train.make_plan(SETTING + ['--epochs=2', f'--data-dir={tmp_path / "data"}']).runs[0][0]
+  plan = main_lib.make_plan(SETTING + ['--epochs=2', f'--data-dir={tmp_path / "data"}'])
+  config = plan.runs[0][0]
   got, want = _checkpointed_leaves(run, config), _checkpointed_leaves(tmp_path / 'one', config)
   assert len(got) == len(want) > 10
   for a, b in zip(got, want, strict=True):  # params, BatchNorm, RNG state, SGD and SAM state
@@ -143,16 +151,17 @@ class _NotProcessZero(multiprocess.DataParallel):
 
 
 def test_a_process_other_than_0_logs_and_writes_nothing_but_the_checkpoint(tmp_path):
-  plan = train.make_plan(
+  plan = main_lib.make_plan(
     SETTING + ['--epochs=1', f'--data-dir={tmp_path / "data"}', f'--workdir={tmp_path / "w"}']
   )
   lines = []
   parallel = _NotProcessZero(multiprocess.data_parallel().mesh)
-  results = train.run(plan, log=lines.append, parallel=parallel)
+  results = main_lib.run(plan, log=lines.append, parallel=parallel)
   assert lines == []
   assert [h['epoch'] for h in results['sam']['history']] == [1]
-  assert sorted(p.name for p in (tmp_path / 'w').iterdir()) == [train.CHECKPOINT_DIR]
-  assert train.Checkpoints(tmp_path / 'w' / train.CHECKPOINT_DIR, create=False).latest_epoch() == 1
+  assert sorted(p.name for p in (tmp_path / 'w').iterdir()) == [checkpoints_lib.CHECKPOINT_DIR]
+  saved = checkpoints_lib.Checkpoints(tmp_path / 'w' / checkpoints_lib.CHECKPOINT_DIR, create=False)
+  assert saved.latest_epoch() == 1
 
 
 @pytest.mark.parametrize(
@@ -169,16 +178,16 @@ def test_a_process_other_than_0_logs_and_writes_nothing_but_the_checkpoint(tmp_p
 )
 def test_bad_process_options_are_config_errors(tmp_path, flags, message):
   with pytest.raises(config_lib.ConfigError, match=message):
-    train.make_plan(SETTING + [f'--workdir={tmp_path / "w"}', *flags])
+    main_lib.make_plan(SETTING + [f'--workdir={tmp_path / "w"}', *flags])
   assert not (tmp_path / 'w').exists()
 
 
 def test_the_batch_must_split_over_every_device(tmp_path):
-  plan = train.make_plan(
+  plan = main_lib.make_plan(
     SETTING + ['--batch-size=36', f'--data-dir={tmp_path / "data"}', f'--workdir={tmp_path}/w']
   )
   with pytest.raises(config_lib.ConfigError, match='multiple of the 8 devices of all processes'):
-    train.run(plan, parallel=multiprocess.data_parallel())
+    main_lib.run(plan, parallel=multiprocess.data_parallel())
   assert not (tmp_path / 'w').exists()
 
 

@@ -45,7 +45,8 @@ def test_the_wheel_holds_the_package_its_type_marker_and_the_urls(dist):
     metadata = archive.read(next(n for n in names if n.endswith('.dist-info/METADATA')))
   assert 'optax_sam/py.typed' in names
   assert 'optax_sam/_src/sharpness_aware.py' in names
-  assert 'optax_sam/examples/train.py' in names  # python -m optax_sam.examples.train
+  for module in ('main', 'train', 'checkpoints'):  # python -m optax_sam.examples.main (or .train)
+    assert f'optax_sam/examples/{module}.py' in names
   assert not [n for n in names if n.startswith(('tests/', 'benchmarks/', 'docs/', 'notebooks/'))]
   text = metadata.decode()
   urls = dict(re.findall(r'^Project-URL: ([^,]+), (\S+)$', text, flags=re.M))

@@ -21,9 +21,12 @@ micro-batches (one perturbation for the whole batch); see
 """
 
 import dataclasses
+import inspect
 import math
+from collections.abc import Callable
 from typing import Any, Optional
 
+import optax_sam
 from optax_sam.examples import data
 
 SINGLE_OPTIMIZERS = ('sgd', 'sam', 'usam', 'asam', 'fsam', 'stablesam', 'gsam', 'looksam', 'msam')
@@ -125,16 +128,54 @@ def parse_optimizer(name: str) -> OptimizerSpec:
   return dataclasses.replace(spec, name='+'.join(canonical))
 
 
+def library_default(optimizer: Callable[..., Any], name: str) -> Any:
+  """The default of ``optimizer``'s parameter ``name``, read from its signature.
+
+  Example:
+    >>> import optax_sam
+    >>> from optax_sam.examples import config
+    >>> config.library_default(optax_sam.asam, 'rho')
+    0.5
+  """
+  return inspect.signature(optimizer).parameters[name].default
+
+
+def library_rho_defaults() -> dict[str, float]:
+  """The library's default ``rho`` of each optimizer the example's names build."""
+  return {
+    'sam': library_default(optax_sam.sam, 'rho'),
+    'asam': library_default(optax_sam.asam, 'rho'),
+    'fsam': library_default(optax_sam.friendly_sam, 'rho'),
+    'gsam': library_default(optax_sam.gsam, 'rho'),
+    'looksam': library_default(optax_sam.look_sam, 'rho'),
+    'msam': library_default(optax_sam.momentum_sam, 'rho'),
+  }
+
+
 def default_rho(spec: OptimizerSpec) -> float:
-  """The official codes' radius: 0.5 with ASAM's scaling, 0.1 for LookSAM, 0.3 for Momentum-SAM,
-  0.05 otherwise (0 for SGD)."""
+  """The radius the library's optimizer defaults to (0 for SGD).
+
+  A name with ASAM's scaling takes :func:`optax_sam.asam`'s, whatever else it
+  combines; ``looksam``, ``msam``, ``gsam`` and ``fsam`` their own aliases';
+  the others :func:`optax_sam.sam`'s.
+
+  Example:
+    >>> from optax_sam.examples import config
+    >>> [config.default_rho(config.parse_optimizer(n)) for n in ('sgd', 'sam', 'fsam+asam')]
+    [0.0, 0.05, 0.5]
+  """
   if not spec.sam:
     return 0.0
+  defaults = library_rho_defaults()
   if spec.look:
-    return 0.1
+    return defaults['looksam']
   if spec.momentum:
-    return 0.3
-  return 0.5 if spec.adaptive else 0.05
+    return defaults['msam']
+  if spec.adaptive:
+    return defaults['asam']
+  if spec.gsam:
+    return defaults['gsam']
+  return defaults['fsam'] if spec.friendly else defaults['sam']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,8 +257,8 @@ class Config:
 
   @property
   def resolved_eta(self) -> float:
-    """``eta``, or ASAM's default 0.01."""
-    return 0.01 if self.eta is None else self.eta
+    """``eta``, or :func:`optax_sam.asam`'s default."""
+    return library_default(optax_sam.asam, 'eta') if self.eta is None else self.eta
 
   def validate(self) -> 'Config':
     """Checks every value; returns the config with the optimizer name made canonical.
