@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 import optax_sam
+from optax_sam._src import state as state_lib
 
 
 def problem(dtype=jnp.float32, seed=0):
@@ -146,3 +147,9 @@ VARIANTS = {
 WRAPPED = tuple(name for name in VARIANTS if name != 'msam')
 # One of each part: the perturbations and corrections (and their combinations) the aliases name.
 CORE = ('sam', 'usam', 'asam', 'fsam', 'stablesam', 'gsam', 'fsam+stable', 'asam+stable')
+
+
+def grad_fn_for(state, grad_fn) -> dict:
+  """``{'grad_fn': grad_fn}`` for a one-call state; ``{}`` for a two-phase one, which refuses it."""
+  two_phase = state_lib.find_states(state, optax_sam.TwoPhaseSAMState)
+  return {} if two_phase else {'grad_fn': grad_fn}

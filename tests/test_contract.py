@@ -26,7 +26,9 @@ def sam_steps(tx, params, grad_fn, steps=3, two_phase=False, state=None, **extra
 
   @jax.jit
   def call(params, state):
-    u, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn, **extra)
+    u, state = tx.update(
+      grad_fn(params), state, params, **helpers.grad_fn_for(state, grad_fn), **extra
+    )
     return optax.apply_updates(params, u), state
 
   for _ in range(steps * (2 if two_phase else 1)):
@@ -122,7 +124,7 @@ def test_no_retracing_two_phase_and_structure_stable(two_phase):
   @jax.jit
   def update(g, s, p):
     traces.append(1)
-    return tx.update(g, s, p, grad_fn=grad_fn)
+    return tx.update(g, s, p, **helpers.grad_fn_for(s, grad_fn))
 
   state0 = tx.init(params)
   state = state0
@@ -267,7 +269,7 @@ def test_zero_gradient_gives_zero_perturbation_and_no_nan(name, eps):
   for two_phase in (False, True):
     tx = ALIASES[name](optax.sgd(0.1), eps=eps, two_phase=two_phase)
     state = tx.init(params)
-    u, state = tx.update(zero(params), state, params, grad_fn=zero)
+    u, state = tx.update(zero(params), state, params, **helpers.grad_fn_for(state, zero))
     for leaf in jax.tree.leaves((u, state)):
       assert bool(jnp.all(jnp.isfinite(leaf)))
     assert helpers.max_diff(u, zero(params)) == 0.0
@@ -349,7 +351,10 @@ def test_updates_in_the_params_dtype_when_gradients_are_wider(two_phase):
   params, _, grad_fn = helpers.problem(jnp.bfloat16)
   wide_grad_fn = lambda p: optax.tree.cast(grad_fn(p), jnp.float32)
   tx = optax_sam.sam(optax.sgd(0.1), two_phase=two_phase)
-  updates, _ = tx.update(wide_grad_fn(params), tx.init(params), params, grad_fn=wide_grad_fn)
+  state = tx.init(params)
+  updates, _ = tx.update(
+    wide_grad_fn(params), state, params, **helpers.grad_fn_for(state, wide_grad_fn)
+  )
   assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
 
 

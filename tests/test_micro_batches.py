@@ -101,8 +101,8 @@ def test_eight_devices_one_device_and_two_devices_take_the_same_step(name):
 
 @pytest.mark.devices(2)
 def test_two_devices_vmap_route_composes_with_the_device_axis():
-  expected = _one_device('fsam_stable', 'scan')
-  td._assert_close(_two_devices('fsam_stable', 'vmap'), expected, tol=3e-6)
+  expected = _one_device('fsam+stable', 'scan')
+  td._assert_close(_two_devices('fsam+stable', 'vmap'), expected, tol=3e-6)
 
 
 @pytest.mark.parametrize('route', ROUTES)
@@ -275,7 +275,7 @@ def test_accumulated_gradient_equals_the_whole_batch_gradient():
   td._assert_close(jax.jit(acc)(td.PARAMS), _group_grad(td.PARAMS, (td.X, td.Y)), tol=1e-7)
 
 
-@pytest.mark.parametrize('name', ['fsam', 'gsam', 'asam_stable'])
+@pytest.mark.parametrize('name', ['fsam', 'gsam', 'asam+stable'])
 def test_accumulation_with_one_perturbation_equals_sam_on_the_whole_batch(name):
   tx = td.VARIANTS[name][0]()
 
@@ -309,7 +309,7 @@ def _multi_steps_run(tx, two_phase):
 
 def test_multi_steps_with_two_phase_sam_equals_sam_on_the_whole_batch():
   """MultiSteps averages the clean gradients (ascent), then the perturbed ones (descent)."""
-  for name in ('fsam', 'stable_sam'):
+  for name in ('fsam', 'stablesam'):
     expected = td._single_device(name)
     td._assert_close(_multi_steps_run(td.VARIANTS[name][0](two_phase=True), True), expected, 2e-6)
 

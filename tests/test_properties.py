@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import optax_sam
+from tests import helpers
 
 STEPS = 3  # SAM steps per trajectory (pairs of calls in two-phase mode)
 
@@ -104,7 +105,7 @@ def _call(name, two_phase):
     base = optax.sgd(lr, momentum=0.9)
     tx = base if name == 'base' else ALIASES[name](base, hyper, two_phase)
     grad_fn = _grad_fn(a, c)
-    u, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+    u, state = tx.update(grad_fn(params), state, params, **helpers.grad_fn_for(state, grad_fn))
     return u, optax.apply_updates(params, u), state
 
   return jax.jit(call)

@@ -24,7 +24,7 @@ def _run(tx, params, grad_fn, steps, two_phase=False):
 
   @jax.jit
   def call(params, state):
-    u, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+    u, state = tx.update(grad_fn(params), state, params, **helpers.grad_fn_for(state, grad_fn))
     return optax.apply_updates(params, u), state
 
   trajectory = []
@@ -350,7 +350,8 @@ def test_statistics_on_a_plain_step_record_the_clean_norm(two_phase):
   params, _, grad_fn = helpers.problem()
   tx = optax_sam.sam(_base(), statistics=True, two_phase=two_phase, when=optax_sam.after(1))
   g = grad_fn(params)
-  _, state = tx.update(g, tx.init(params), params, grad_fn=grad_fn)  # step 0: plain
+  state = tx.init(params)
+  _, state = tx.update(g, state, params, **helpers.grad_fn_for(state, grad_fn))  # step 0: plain
   stats = optax_sam.step_statistics(state)
   assert float(stats.grad_norm) == pytest.approx(float(optax.tree.norm(g)), rel=1e-6)
   assert float(stats.adv_grad_norm) == 0.0 and float(stats.perturbation_norm) == 0.0

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import optax
 
 from optax_sam._src import adaptive as adaptive_lib
-from optax_sam._src import corrections, perturbations, policies
+from optax_sam._src import corrections, numerics, perturbations, policies
 from optax_sam._src import momentum_sam as momentum_sam_lib
 from optax_sam._src import options as options_lib
 from optax_sam._src import sharpness_aware as wrapper
@@ -24,6 +24,7 @@ SAMOptions = options_lib.SAMOptions
 
 
 def _ascent_and_correction(rho, normalize, adaptive, eta, adaptive_mask, stable, eps):
+  numerics.check_flag('stable', stable)
   ascent = perturbations.ascent(
     rho, normalize=normalize, adaptive=adaptive, eta=eta, adaptive_mask=adaptive_mask, eps=eps
   )

@@ -150,6 +150,7 @@ def stable_correction(
   """
   numerics.check_range('eta', eta)
   numerics.check_range('eps', eps)
+  numerics.check_flag('adaptive', adaptive)
 
   def weighted_norm(grads, params):
     if adaptive:

@@ -77,6 +77,8 @@ def is_concrete(value: Any) -> bool:
 
 
 def _allowed(low: float, high: float) -> str:
+  if low == -float('inf') and high == float('inf'):
+    return 'finite'
   return f'>= {low}' if high == float('inf') else f'in [{low}, {high}]'
 
 
@@ -99,7 +101,7 @@ def check_range(name: str, value: Any, low: float = 0.0, high: float = float('in
   if array is None or array.dtype.kind not in 'iuf':
     raise ValueError(f'{name} must be {allowed}, got {value!r}.')
   if array.shape != ():
-    raise ValueError(f'{name} must be a scalar, got shape {array.shape}.')
+    raise ValueError(f'{name} must be a scalar, got {value!r} of shape {array.shape}.')
   number = float(array)
   if not (math.isfinite(number) and low <= number <= high):
     raise ValueError(f'{name} must be {allowed}, got {number}.')

@@ -86,6 +86,8 @@ def ascent(
   numerics.check_range('rho', rho)
   numerics.check_range('eta', eta)
   numerics.check_range('eps', eps)
+  numerics.check_flag('normalize', normalize)
+  numerics.check_flag('adaptive', adaptive)
   scheduled = callable(rho)
 
   def init_fn(params):

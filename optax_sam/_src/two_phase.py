@@ -106,10 +106,17 @@ def update(spec: Spec, grads, state, params=None, **extra):
   """One call of a two-phase step: the ascent (phase 0) or the descent (phase 1)."""
   if params is None:
     raise ValueError('SAM needs the current params: call update(grads, state, params).')
-  if isinstance(extra.pop('grad_fn', None), micro_batches_lib.MicroBatches):
+  grad_fn = extra.pop('grad_fn', None)
+  if isinstance(grad_fn, micro_batches_lib.MicroBatches):
     raise ValueError(
       'micro_batches needs one-call mode: build the optimizer without two_phase=True (a '
       'two-phase step sees one gradient per call, not the groups).'
+    )
+  if grad_fn is not None:
+    raise TypeError(
+      'a two-phase SAM optimizer takes no grad_fn: its calls alternate, the first receiving '
+      'the clean gradient and returning the move to w + e, the second the gradient at w + e. '
+      'To pass grad_fn, use one-call mode (build the optimizer without two_phase=True).'
     )
   grads = optax.tree.cast_like(grads, params)
   clean = lambda operands: _clean_call(spec, *operands, extra)
