@@ -5,6 +5,7 @@
 
 import atexit
 import os
+import pathlib
 import shutil
 import tempfile
 
@@ -27,12 +28,41 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], True)
 
 
+INTEGRATION = pathlib.Path(__file__).parent / 'tests' / 'integration'
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+  """Parallel by default where pytest-xdist is installed: whole files per worker, at most 4.
+
+  Whole files per worker keep module fixtures (trained runs) built once, and each worker is a
+  fresh process. Without pytest-xdist (or with ``-p no:xdist``, or ``-n`` given) nothing changes.
+  """
+  if os.environ.get('PYTEST_XDIST_WORKER') or hasattr(config, 'workerinput'):
+    return  # a worker runs its tests itself
+  if config.pluginmanager.hasplugin('xdist') and config.getoption('numprocesses') is None:
+    config.option.numprocesses = 'auto'
+    config.option.maxprocesses = 4
+    config.option.dist = 'loadfile'
+
+
 def pytest_configure(config):
   config.addinivalue_line(
     'markers',
     'devices(n): needs n devices of the default backend (here 8 fake CPU devices; on a machine '
     'with fewer, such as one GPU with JAX_PLATFORMS=cuda, the test is skipped)',
   )
+  config.addinivalue_line(
+    'markers',
+    'integration: the example, the benchmarks, the study, the notebooks and the packaging '
+    '(every test under tests/integration/); -m "not integration" runs the library alone',
+  )
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if INTEGRATION in pathlib.Path(str(item.fspath)).parents:
+      item.add_marker(pytest.mark.integration)
 
 
 def pytest_runtest_setup(item):

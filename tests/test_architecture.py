@@ -82,7 +82,9 @@ def _held_weights_after_one_step(tx, two_phase_calls):
   params, _, grad_fn = helpers.problem()
   state = tx.init(params)
   for _ in range(two_phase_calls):
-    updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+    updates, state = tx.update(
+      grad_fn(params), state, params, **helpers.grad_fn_for(state, grad_fn)
+    )
     params = optax.apply_updates(params, updates)
   return params, state
 

@@ -22,7 +22,7 @@ from optax_sam.examples import checkpoints as checkpoints_lib
 from optax_sam.examples import config as config_lib
 from optax_sam.examples import main as main_lib
 from optax_sam.examples import multiprocess, reporting, train
-from tests.test_example import restored_state
+from tests.integration.test_example import restored_state
 from tests.test_multihost import _run_job
 
 # 160 training examples (5 steps of 32), 40 test examples, a 4-channel ResNet; a constant

@@ -15,7 +15,7 @@ import zipfile
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 tomllib = pytest.importorskip('tomllib')  # Python 3.11+
 PYPROJECT = tomllib.loads((ROOT / 'pyproject.toml').read_text())
 

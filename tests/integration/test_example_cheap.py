@@ -13,7 +13,7 @@ import optax_sam
 from optax_sam.examples import config as config_lib
 from optax_sam.examples import main as main_lib
 from optax_sam.examples import train
-from tests.test_example import (  # noqa: F401
+from tests.integration.test_example import (  # noqa: F401
   BASE,
   TINY,
   TINY_FLAGS,

@@ -15,7 +15,7 @@ import pytest
 from benchmarks import paired, study
 from tests import helpers
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_paired_difference_higher_lower_and_no_difference():

@@ -11,7 +11,7 @@ from flax import nnx
 
 from optax_sam.examples import main as main_lib
 from optax_sam.examples import train
-from tests.test_example import TINY, TINY_FLAGS, digits, key_data_leaves  # noqa: F401
+from tests.integration.test_example import TINY, TINY_FLAGS, digits, key_data_leaves  # noqa: F401
 
 NO_DROPOUT = dataclasses.replace(TINY, dropout=0.0)
 
@@ -156,7 +156,7 @@ def test_every_documented_command_parses():
   import pathlib
   import shlex
 
-  lines = (pathlib.Path(__file__).parents[1] / 'docs' / 'example.md').read_text().splitlines()
+  lines = (pathlib.Path(__file__).parents[2] / 'docs' / 'example.md').read_text().splitlines()
   prefix, in_block, commands = 'python -m optax_sam.examples.main', False, []
   for line in lines:
     in_block ^= line.startswith('```')
@@ -172,7 +172,7 @@ def test_documented_errors_are_the_ones_printed(tmp_path, capsys):
   import pathlib
   import shlex
 
-  lines = (pathlib.Path(__file__).parents[1] / 'docs' / 'example.md').read_text().splitlines()
+  lines = (pathlib.Path(__file__).parents[2] / 'docs' / 'example.md').read_text().splitlines()
   pairs = [
     (command[len('$ python -m optax_sam.examples.main ') :], error)
     for command, error in zip(lines, lines[1:], strict=False)

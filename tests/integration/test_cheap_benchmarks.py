@@ -15,7 +15,7 @@ import pytest
 
 from benchmarks import cheap, cheap_study, harness, models
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope='module')
