@@ -48,6 +48,8 @@ TARGETS = {  # case: the largest allowed ratio of its time per step to the base 
   'momentum_sam': 1.05,
 }
 PERIOD = 5
+# The named variants (optax_sam._src.aliases.VARIANTS) this script measures, and their case.
+VARIANT_CASES = {'looksam': 'look_sam(k=5)', 'msam': 'momentum_sam'}
 
 
 class _NormState(NamedTuple):

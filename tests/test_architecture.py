@@ -166,6 +166,15 @@ def test_every_named_variant_is_in_the_tests_table():
     assert helpers.VARIANTS[name].alias is alias, name
 
 
+def test_the_example_and_the_benchmarks_know_every_named_variant():
+  from benchmarks import cases, cheap  # noqa: PLC0415 - the benchmarks are not the library
+  from optax_sam.examples import config  # noqa: PLC0415 - needs the examples extra
+
+  assert set(aliases.VARIANTS) <= set(config.SINGLE_OPTIMIZERS)
+  benchmarked = {v.name for v in cases.VARIANTS} | set(cheap.VARIANT_CASES)
+  assert set(aliases.VARIANTS) <= benchmarked, set(aliases.VARIANTS) - benchmarked
+
+
 def test_the_aliases_are_compositions():
   """No alias calls another alias or the public wrapper: each composes parts with compose()."""
   source = pathlib.Path(aliases.__file__).read_text()

@@ -27,9 +27,11 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 import optax_sam
+from optax_sam._src import aliases
 from optax_sam.examples import data
 
-SINGLE_OPTIMIZERS = ('sgd', 'sam', 'usam', 'asam', 'fsam', 'stablesam', 'gsam', 'looksam', 'msam')
+# SGD and the library's named variants (optax_sam._src.aliases.VARIANTS), in its order.
+SINGLE_OPTIMIZERS = ('sgd', *aliases.VARIANTS)
 COMBINABLE = ('sam', 'usam', 'asam', 'fsam', 'stable')
 LR_SCHEDULES = ('cosine', 'constant')
 GROUP_ROUTES = ('vmap', 'scan')
