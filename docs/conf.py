@@ -32,7 +32,8 @@ extensions = [
 ]
 
 # The notebooks live in notebooks/ (Colab links point there); the site renders copies of them,
-# committed without outputs and never executed here (CI executes them in tests/integration/test_notebooks.py).
+# committed without outputs and never executed here (CI executes them in
+# tests/integration/test_notebooks.py).
 NOTEBOOKS = DOCS / 'notebooks'
 shutil.rmtree(NOTEBOOKS, ignore_errors=True)
 NOTEBOOKS.mkdir()
