@@ -75,9 +75,8 @@ def sam(
     adaptive_mask: tree of bools or callable of params selecting the scaled leaves.
     stable: StableSAM's renormalization.
     eps: added to norms in denominators (``>= 0``).
-    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype,
-      when: the wrapper's options, the same for every alias (see
-      :func:`sharpness_aware`).
+    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype, when: the
+      wrapper's options, the same for every alias (see :func:`sharpness_aware`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; in one-call mode call
@@ -139,9 +138,8 @@ def asam(
     normalize: divide the ascent by ``||T g||`` (``False``: ``e = rho T^2 g``).
     stable: StableSAM's renormalization with ``T``-weighted norms.
     eps: added to norms in denominators (``>= 0``).
-    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype,
-      when: the wrapper's options, the same for every alias (see
-      :func:`sharpness_aware`).
+    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype, when: the
+      wrapper's options, the same for every alias (see :func:`sharpness_aware`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (see :func:`sam`).
@@ -205,9 +203,8 @@ def friendly_sam(
     stable: StableSAM's renormalization.
     eps: added to norms in denominators (``>= 0``).
     ema_dtype: dtype of the EMA buffer (default: the parameters' dtype).
-    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype,
-      when: the wrapper's options, the same for every alias (see
-      :func:`sharpness_aware`).
+    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype, when: the
+      wrapper's options, the same for every alias (see :func:`sharpness_aware`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; the state holds one
@@ -267,9 +264,8 @@ def stable_sam(
     eta: ASAM's offset (``>= 0``).
     adaptive_mask: selects the scaled leaves (``None``: all).
     eps: added to norms in denominators (``>= 0``).
-    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype,
-      when: the wrapper's options, the same for every alias (see
-      :func:`sharpness_aware`).
+    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype, when: the
+      wrapper's options, the same for every alias (see :func:`sharpness_aware`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; in two-phase mode its state
@@ -321,9 +317,8 @@ def gsam(
     rho: perturbation radius (``>= 0``) or a schedule.
     alpha: weight of the orthogonal component (``>= 0``).
     eps: added to norms in denominators (``>= 0``).
-    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype,
-      when: the wrapper's options, the same for every alias (see
-      :func:`sharpness_aware`).
+    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype, when: the
+      wrapper's options, the same for every alias (see :func:`sharpness_aware`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; in two-phase mode its state
@@ -381,9 +376,8 @@ def look_sam(
     alpha: weight of the reused direction (``>= 0``).
     k: the period of SAM steps (an integer ``>= 1``).
     eps: added to norms in denominators (``>= 0``).
-    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype,
-      when: the wrapper's options, the same for every alias (see
-      :func:`sharpness_aware`).
+    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype, when: the
+      wrapper's options, the same for every alias (see :func:`sharpness_aware`).
       For LookSAM the default ``when=None`` is ``every(k)``; another policy
       replaces it (``ae_sam`` gives the AE-LookSAM of Jiang et al. 2023),
       and ``k`` is then unused.
