@@ -43,6 +43,7 @@ import numpy as np
 import optax
 
 import optax_sam
+from benchmarks import paired as paired_lib
 from optax_sam.examples import data as data_lib
 
 RESULTS = pathlib.Path(__file__).resolve().parent / 'results' / 'label_noise'
@@ -500,19 +501,7 @@ def save(path: pathlib.Path, document: dict) -> None:
   os.replace(tmp, path)
 
 
-def mean_std(values) -> dict:
-  """Mean and sample standard deviation (``ddof=1``; 0 for one value) of the finite values.
-
-  Example:
-    >>> from benchmarks import label_noise
-    >>> label_noise.mean_std([1.0, 2.0, 3.0, float('nan')])
-    {'mean': 2.0, 'std': 1.0, 'n': 3}
-  """
-  x = np.array([np.nan if v is None else v for v in values], dtype=float)
-  x = x[np.isfinite(x)]
-  if not len(x):
-    return dict(mean=None, std=None, n=0)
-  return dict(mean=float(x.mean()), std=float(x.std(ddof=1)) if len(x) > 1 else 0.0, n=len(x))
+mean_std = paired_lib.mean_std  # mean and sample std of the finite values
 
 
 def paired(a: dict, b: dict) -> dict:
