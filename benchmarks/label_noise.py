@@ -44,6 +44,7 @@ import optax
 
 import optax_sam
 from benchmarks import paired as paired_lib
+from optax_sam._src import aliases
 from optax_sam.examples import data as data_lib
 
 RESULTS = pathlib.Path(__file__).resolve().parent / 'results' / 'label_noise'
@@ -280,26 +281,12 @@ def make_optimizer(spec: Spec, setting: Setting, steps: int) -> optax.GradientTr
   name, rho = spec.name, spec.rho
   if name in ('sgd', 'sgd-2x'):
     return base
-  if name == 'sam':
-    return optax_sam.sam(base, rho)
-  if name == 'usam':
-    return optax_sam.sam(base, rho, normalize=False)
-  if name == 'stablesam':
-    return optax_sam.stable_sam(base, rho)
-  if name == 'fsam':
-    return optax_sam.friendly_sam(base, rho)
-  if name == 'gsam':
-    return optax_sam.gsam(base, rho)
-  if name == 'asam':
-    return optax_sam.asam(base, rho)
-  if name == 'looksam':
-    return optax_sam.look_sam(base, rho)
-  if name == 'msam':
-    return optax_sam.momentum_sam(base, rho)
   if name == 'sam-every5':
     return optax_sam.sam(base, rho, when=optax_sam.every(5))
   if name == 'sam-after':
     return optax_sam.sam(base, rho, when=optax_sam.after(steps // 2))
+  if name in aliases.VARIANTS:  # sam, usam, asam, fsam, stablesam, gsam, looksam, msam
+    return aliases.VARIANTS[name](base, rho)
   raise ValueError(f'unknown optimizer {name!r}')
 
 
