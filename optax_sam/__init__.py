@@ -12,6 +12,7 @@ from optax_sam._src.corrections import (
 )
 from optax_sam._src.micro_batches import MicroBatches, accumulated_grad_fn, micro_batches
 from optax_sam._src.momentum_sam import momentum_sam
+from optax_sam._src.nonfinite import SkipNonfiniteState, skip_nonfinite, skipped_steps
 from optax_sam._src.perturbations import AscentState, FriendlyState, ascent, friendly_direction
 from optax_sam._src.policies import (
   AESAMState,
@@ -47,6 +48,7 @@ __all__ = (
   'RandomState',
   'SAMState',
   'SAMStatistics',
+  'SkipNonfiniteState',
   'TwoPhaseSAMState',
   'accumulated_grad_fn',
   'ae_sam',
@@ -70,6 +72,8 @@ __all__ = (
   'sam',
   'sharpness',
   'sharpness_aware',
+  'skip_nonfinite',
+  'skipped_steps',
   'stable_correction',
   'stable_sam',
   'step_statistics',

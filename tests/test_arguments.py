@@ -95,6 +95,10 @@ FACTORIES = {
     lambda **k: optax_sam.ae_sam(**{'total_steps': 10, **k}),
     dict(total_steps=POSITIVE_INT, delta=UNIT, lambda1=REAL, lambda2=REAL),
   ),
+  'skip_nonfinite': (
+    lambda **k: optax_sam.skip_nonfinite(optax_sam.sam(sgd()), **k),
+    dict(max_consecutive_skips=POSITIVE_INT),
+  ),
   'sharpness_aware': (
     lambda **k: optax_sam.sharpness_aware(sgd(), optax_sam.ascent(), **k),
     dict(OPTIONS),
