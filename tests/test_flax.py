@@ -423,3 +423,19 @@ def test_every_python_block_of_docs_flax_md_runs():
   for block in blocks:
     exec(compile(block, 'docs/flax.md', 'exec'), namespace)  # the blocks assert their results
   assert int(namespace['state'].step) == 2
+
+
+def test_the_complete_nnx_program_of_docs_runs():
+  """docs/nnx_program.md: its blocks, in order, are one program that asserts its own results."""
+  import pathlib
+  import re
+
+  pytest.importorskip('sklearn')  # the floors' environment has Flax but not the examples' extras
+  text = (pathlib.Path(__file__).parent.parent / 'docs' / 'nnx_program.md').read_text()
+  blocks = re.findall(r'```python\n(.*?)```', text, flags=re.DOTALL)
+  assert len(blocks) == 5
+  namespace = {'__name__': 'docs_nnx_program_md'}
+  for block in blocks:
+    exec(compile(block, 'docs/nnx_program.md', 'exec'), namespace)
+  assert int(optax_sam.skipped_steps(nnx.as_pure(namespace['optimizer'].opt_state))) == 0
+  assert float(namespace['sam'].sharpness) > 0

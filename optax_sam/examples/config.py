@@ -312,6 +312,41 @@ class Config:
     """The options as a JSON-ready dictionary."""
     return dataclasses.asdict(self)
 
+  def describe(self) -> str:
+    """The optimizer and the hyperparameters it uses, in one line (the run's header).
+
+    Example:
+      >>> from optax_sam.examples import config
+      >>> print(config.Config(optimizer='fsam', sam_every=5).describe())
+      fsam (rho 0.05, sigma 1, lmbda 0.9, SAM every 5 steps) around SGD (lr 0.05 cosine, momentum 0.9, weight decay 0.0005)
+    """  # noqa: E501
+    spec, parts = self.spec, []
+    if spec.sam:
+      parts.append(f'rho {self.resolved_rho:g}')
+    if spec.friendly:
+      parts += [f'sigma {self.sigma:g}', f'lmbda {self.lmbda:g}']
+    if spec.adaptive:
+      parts.append(f'eta {self.resolved_eta:g}')
+    if spec.gsam:
+      parts.append(f'alpha {self.alpha:g}')
+    if spec.look:
+      parts += [f'alpha {self.look_alpha:g}', f'k {self.sam_every or 5}']
+    elif self.sam_every is not None:
+      parts.append(f'SAM every {self.sam_every} steps')
+    if self.sam_after is not None:
+      parts.append(f'SAM after {self.sam_after:g} of the steps')
+    if self.m_sharpness is not None:
+      parts.append(f'm {self.m_sharpness} ({self.group_route} route)')
+    if self.accumulate is not None:
+      parts.append(f'{self.accumulate} micro-batches')
+    base = (
+      f'SGD (lr {self.lr:g} {self.lr_schedule}, momentum {self.momentum:g}, '
+      f'weight decay {self.weight_decay:g})'
+    )
+    if not spec.sam:
+      return base
+    return f'{spec.name} ({", ".join(parts)}) around {base}'
+
 
 def _check_micro_batches(config: Config, spec: OptimizerSpec) -> None:
   _check_int('m_sharpness', config.m_sharpness, 1, optional=True)

@@ -27,6 +27,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
+import jax
+
 from optax_sam.examples import checkpoints as checkpoints_lib
 from optax_sam.examples import config as config_lib
 from optax_sam.examples import data as data_lib
@@ -163,6 +165,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
   parser.add_argument(
     '--resume', action='store_true', help='continue from the checkpoint in --workdir'
   )
+  parser.add_argument(
+    '--overwrite',
+    action='store_true',
+    help='replace an earlier run in --workdir (without it, or --resume, an earlier run is kept)',
+  )
   parser.add_argument('--no-progress', action='store_true', help='hide the progress bars')
   _add_process_flags(parser)
   return parser
@@ -217,6 +224,10 @@ def make_plan(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> Plan:
     workdir = pathlib.Path(args.workdir or f'runs/{config.dataset}-{config.optimizer}')
     runs = ((config, workdir),)
   check_writable(workdir)
+  if args.resume and args.overwrite:
+    raise config_lib.ConfigError('--resume and --overwrite are exclusive: give one of them')
+  if not args.resume and not args.overwrite:
+    check_no_earlier_run(workdir, [w for _, w in runs])
   processes = multiprocess.Processes(
     args.coordinator, args.num_processes, args.process_id, args.cluster, args.cpu_devices
   ).validate()
@@ -240,6 +251,23 @@ def check_writable(workdir: pathlib.Path) -> None:
   if not os.access(existing, os.W_OK | os.X_OK):
     raise config_lib.ConfigError(
       f'--workdir {workdir} is not writable: no permission to write in {existing}'
+    )
+
+
+def check_no_earlier_run(workdir: pathlib.Path, run_folders: Sequence[pathlib.Path]) -> None:
+  """Checks that no earlier run of this script left its files where this one would write.
+
+  Raises:
+    ConfigError: naming the files found, and ``--resume`` and ``--overwrite``.
+  """
+  names = (reporting.METRICS_FILE, checkpoints_lib.CHECKPOINT_DIR, reporting.CURVES_FILE)
+  found = [f / n for f in run_folders for n in names if (f / n).exists()]
+  found += [workdir / n for n in (reporting.COMPARISON_FILE,) if (workdir / n).exists()]
+  if found:
+    shown = ', '.join(str(f) for f in found[:3]) + (', ...' if len(found) > 3 else '')
+    raise config_lib.ConfigError(
+      f'--workdir {workdir} holds an earlier run ({shown}): add --resume to continue it, '
+      '--overwrite to replace it, or give another --workdir'
     )
 
 
@@ -268,6 +296,24 @@ def _clear_previous_run(workdir: pathlib.Path) -> None:
   shutil.rmtree(workdir / checkpoints_lib.CHECKPOINT_DIR, ignore_errors=True)
   for name in (reporting.METRICS_FILE, reporting.CURVES_FILE, reporting.SHARPNESS_PLOT):
     (workdir / name).unlink(missing_ok=True)
+
+
+def _header(
+  config: config_lib.Config,
+  dataset: data_lib.Dataset,
+  workdir: pathlib.Path,
+  parallel: Optional[multiprocess.DataParallel],
+  log: train.LogFn,
+) -> None:
+  """What a run is about to do: optimizer, data, length, devices, output folder."""
+  devices = jax.device_count() if parallel is None else parallel.num_devices
+  log(f'optimizer: {config.describe()}')
+  epochs = f'{config.epochs} epoch{"s" * (config.epochs != 1)}'
+  log(
+    f'data: {dataset.name}, {len(dataset.y_train)} train / {len(dataset.y_test)} test examples, '
+    f'label noise {config.label_noise:g}; {epochs} of batch {config.batch_size}, seed {config.seed}'
+  )
+  log(f'devices: {devices} ({jax.default_backend()}); output: {workdir}')
 
 
 def _report(plan: Plan, results: dict[str, dict], dataset_name: str, log: train.LogFn) -> None:
@@ -321,7 +367,8 @@ def run(
     if parallel is not None:  # the others wait until process 0 has cleared the folder
       parallel.barrier(f'optax_sam.examples.train: {workdir} cleared')
     if plan.compare:
-      log(f'--- {config.optimizer} (rho={config.resolved_rho:g})')
+      log(f'--- {config.optimizer}')
+    _header(config, dataset, workdir, parallel, log)
     results[config.optimizer] = train.train_and_evaluate(
       config,
       workdir,

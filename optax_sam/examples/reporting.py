@@ -46,37 +46,49 @@ def plot_curves(path: pathlib.Path, history: Sequence[dict], title: str) -> None
   _finish(fig, (loss_ax, acc_ax), path, title)
 
 
-def plot_sharpness(path: pathlib.Path, history: Sequence[dict], title: str) -> None:
-  """The measured sharpness and the SAM step's statistics per epoch, in one PNG."""
+def plot_sharpness(path: pathlib.Path, history: Sequence[dict], title: str) -> bool:
+  """The measured sharpness and the SAM step's statistics per epoch, in one PNG.
+
+  Only what the history holds is drawn: the top eigenvalue and the SAM sharpness
+  where ``--sharpness-every`` measured them, the step statistics where the
+  optimizer kept them. Returns whether there was anything to draw (no file otherwise).
+  """
+  measured = [h for h in history if 'sharpness' in h]
+  stepped = [h for h in history if 'step_statistics' in h]
+  if not measured and not stepped:
+    return False
   import matplotlib
 
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt
 
-  fig, (eig_ax, sam_ax, step_ax) = plt.subplots(1, 3, figsize=(15, 4))
-  measured = [h for h in history if 'sharpness' in h]
-  epochs = [h['epoch'] for h in measured]
-  eig_ax.plot(
-    epochs, [h['sharpness']['hessian_top_eigenvalue'] for h in measured], 'o-', label='lambda_1'
-  )
-  sam_ax.plot(
-    epochs, [h['sharpness']['sam_sharpness'] for h in measured], 'o-', label='L(w + e) - L(w)'
-  )
-  eig_ax.set(xlabel='epoch', ylabel='eigenvalue', title='top Hessian eigenvalue (eval mode)')
-  sam_ax.set(xlabel='epoch', ylabel='loss increase', title='SAM sharpness (rho = 0.05)')
-  stepped = [h for h in history if 'step_statistics' in h]
-  epochs = [h['epoch'] for h in stepped]
-  labels = {
-    'norm_ratio': '||g_adv|| / ||g||',
-    'cosine': 'cos(g, g_adv)',
-    'ema_cosine': 'cos(EMA, g) (F-SAM)',
-  }
-  for name, label in labels.items():
-    values = [h['step_statistics'][name] for h in stepped]
-    if name != 'ema_cosine' or any(values):
-      step_ax.plot(epochs, values, label=label)
-  step_ax.set(xlabel='epoch', ylabel='epoch mean', title='SAM step statistics')
-  _finish(fig, (eig_ax, sam_ax, step_ax), path, title)
+  panels = 2 * bool(measured) + bool(stepped)
+  fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
+  axes = list(axes[0])
+  if measured:
+    eig_ax, sam_ax = axes[0], axes[1]
+    epochs = [h['epoch'] for h in measured]
+    values = [h['sharpness']['hessian_top_eigenvalue'] for h in measured]
+    eig_ax.plot(epochs, values, 'o-', label='lambda_1')
+    values = [h['sharpness']['sam_sharpness'] for h in measured]
+    sam_ax.plot(epochs, values, 'o-', label='L(w + e) - L(w)')
+    eig_ax.set(xlabel='epoch', ylabel='eigenvalue', title='top Hessian eigenvalue (eval mode)')
+    sam_ax.set(xlabel='epoch', ylabel='loss increase', title='SAM sharpness (rho = 0.05)')
+  if stepped:
+    step_ax = axes[-1]
+    epochs = [h['epoch'] for h in stepped]
+    labels = {
+      'norm_ratio': '||g_adv|| / ||g||',
+      'cosine': 'cos(g, g_adv)',
+      'ema_cosine': 'cos(EMA, g) (F-SAM)',
+    }
+    for name, label in labels.items():
+      values = [h['step_statistics'][name] for h in stepped]
+      if name != 'ema_cosine' or any(values):
+        step_ax.plot(epochs, values, label=label)
+    step_ax.set(xlabel='epoch', ylabel='epoch mean', title='SAM step statistics')
+  _finish(fig, axes, path, title)
+  return True
 
 
 def _finish(fig, axes, path: pathlib.Path, title: str) -> None:

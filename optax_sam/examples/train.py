@@ -464,11 +464,17 @@ def _epoch_line(config: config_lib.Config, record: dict) -> str:
   )
 
 
-def _write_plots(workdir: pathlib.Path, history: list[dict], title: str) -> None:
-  """The training curves, and the sharpness plot when the history has something for it."""
+def _write_plots(workdir: pathlib.Path, history: list[dict], title: str, log: LogFn) -> None:
+  """The training curves, and the sharpness plot with the panels the history has values for."""
   reporting.plot_curves(workdir / reporting.CURVES_FILE, history, title)
-  if any('sharpness' in h or 'step_statistics' in h for h in history):
-    reporting.plot_sharpness(workdir / reporting.SHARPNESS_PLOT, history, title)
+  (workdir / reporting.SHARPNESS_PLOT).unlink(missing_ok=True)
+  if not reporting.plot_sharpness(workdir / reporting.SHARPNESS_PLOT, history, title):
+    return
+  if not any('sharpness' in h for h in history):
+    log(
+      f'{reporting.SHARPNESS_PLOT}: the SAM step statistics only; --sharpness-every N also '
+      'measures the top Hessian eigenvalue and the SAM sharpness'
+    )
 
 
 def train_and_evaluate(
@@ -549,7 +555,7 @@ def train_and_evaluate(
   metrics |= {'history': history, 'final': reporting.summary(history)}
   if writes:
     reporting.write_json(workdir / reporting.METRICS_FILE, metrics)
-    _write_plots(workdir, history, title)
+    _write_plots(workdir, history, title, log)
   return metrics
 
 

@@ -371,6 +371,55 @@ def test_main_prints_the_final_test_accuracy_last(tmp_path, capsys):
   assert metrics['dataset']['train_examples'] == 1437
 
 
+def test_main_prints_a_header_naming_what_it_runs(tmp_path, capsys):
+  flags = [*TINY_FLAGS, '--epochs=1', '--optimizer=fsam', '--label-noise=0.2']
+  assert main_lib.main([*flags, f'--workdir={tmp_path / "out"}']) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == (
+    'optimizer: fsam (rho 0.05, sigma 1, lmbda 0.9) around SGD (lr 0.1 constant, momentum 0.9, '
+    'weight decay 0.0005)'
+  )
+  assert lines[1] == (
+    'data: digits, 1437 train / 360 test examples, label noise 0.2; 1 epoch of batch 64, seed 0'
+  )
+  assert lines[2] == f'devices: {jax.device_count()} (cpu); output: {tmp_path / "out"}'
+
+
+@pytest.mark.parametrize('compare', [False, True], ids=['single', 'compare'])
+def test_an_earlier_run_is_kept_unless_resume_or_overwrite(tmp_path, capsys, compare):
+  flags = [*TINY_FLAGS, '--epochs=1', f'--workdir={tmp_path}']
+  flags += ['--compare=sgd,sam'] if compare else []
+  assert main_lib.main(flags) == 0
+  metrics = tmp_path / ('sam' if compare else '') / reporting.METRICS_FILE
+  before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob('*') if p.is_file()}
+  capsys.readouterr()
+  assert main_lib.main(flags) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'error: --workdir {tmp_path} holds an earlier run (')
+  assert err.endswith(
+    ': add --resume to continue it, --overwrite to replace it, or give another --workdir\n'
+  )
+  assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob('*') if p.is_file()} == before
+  assert main_lib.main([*flags, '--resume', '--overwrite']) == 2
+  assert 'exclusive' in capsys.readouterr().err
+  assert main_lib.main([*flags, '--overwrite']) == 0
+  assert metrics.stat().st_mtime_ns > before[metrics]
+
+
+def test_sharpness_plot_draws_only_the_measured_panels(tmp_path):
+  from PIL import Image
+
+  record = dict(epoch=1, step_statistics=dict(norm_ratio=1.1, cosine=0.9, ema_cosine=0.0))
+  measured = dict(epoch=1, sharpness=dict(hessian_top_eigenvalue=3.0, sam_sharpness=0.01))
+  path = tmp_path / 'p.png'
+  assert not reporting.plot_sharpness(path, [dict(epoch=1)], 't') and not path.exists()
+  widths = {}
+  for name, history in dict(steps=[record], sharpness=[measured], both=[record | measured]).items():
+    assert reporting.plot_sharpness(path, history, 't')
+    widths[name] = Image.open(path).size[0]
+  assert widths == dict(steps=500, sharpness=1000, both=1500)
+
+
 def test_compare_trains_each_optimizer_and_tabulates_their_metrics(tmp_path, capsys):
   assert (
     main_lib.main([*TINY_FLAGS, '--epochs=1', f'--workdir={tmp_path}', '--compare=sgd,sam']) == 0
