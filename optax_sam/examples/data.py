@@ -151,7 +151,7 @@ def _generate_mnist1d(num_samples: int) -> dict:
   except ImportError as error:
     raise DataError(
       f'dataset mnist1d needs the mnist1d package ({error}); '
-      "install it with: pip install 'optax_sam[examples]'"
+      "install it with: pip install -e '.[examples]' in a clone of optax_sam"
     ) from error
   args = mnist1d_data.get_dataset_args()
   args.num_samples = num_samples
@@ -186,7 +186,7 @@ def load_digits() -> Dataset:
   except ImportError as error:
     raise DataError(
       f'dataset digits needs scikit-learn ({error}); '
-      "install it with: pip install 'optax_sam[examples]'"
+      "install it with: pip install -e '.[examples]' in a clone of optax_sam"
     ) from error
   digits = sklearn_digits()
   x = (digits.images / 16.0).astype(np.float32)[..., None]
