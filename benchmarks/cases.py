@@ -20,6 +20,7 @@ from benchmarks import references
 from benchmarks.models import Model
 
 LEARNING_RATE = 0.1
+assert references.LEARNING_RATE == LEARNING_RATE  # WSAM's hand-written decoupled term
 MOMENTUM = 0.9
 RHO = 0.05
 EPS = 1e-12
@@ -45,6 +46,8 @@ class Variant(NamedTuple):
     ema_state: carries F-SAM's EMA (one parameter-sized buffer) and its step count.
     prepared: what two-phase mode keeps from the clean pass besides the
       weights: ``'none'``, ``'norm'`` (a float32 scalar) or ``'gradient'``.
+    two_phase: whether the variant has a two-phase mode (Lookbehind-SAM's
+      cycle of inner steps has none).
   """
 
   name: str
@@ -52,6 +55,7 @@ class Variant(NamedTuple):
   call: str
   ema_state: bool
   prepared: str
+  two_phase: bool = True
 
 
 VARIANTS = (
@@ -91,6 +95,30 @@ VARIANTS = (
     'friendly_sam(base, stable=True)',
     True,
     'norm',
+  ),
+  Variant(
+    'wsam',
+    lambda b, tp: optax_sam.wsam(b, learning_rate=LEARNING_RATE, two_phase=tp),
+    f'wsam(base, learning_rate={LEARNING_RATE})',
+    False,
+    'gradient',
+  ),
+  Variant('vasso', lambda b, tp: optax_sam.vasso(b, two_phase=tp), 'vasso(base)', True, 'none'),
+  Variant('gcsam', lambda b, tp: optax_sam.gcsam(b, two_phase=tp), 'gcsam(base)', False, 'none'),
+  Variant(
+    'lookbehind',
+    lambda b, tp: optax_sam.lookbehind_sam(b, RHO),
+    f'lookbehind_sam(base, {RHO}) (k = 5 gradients per step)',
+    False,
+    'none',
+    two_phase=False,
+  ),
+  Variant(
+    'unifiedsam',
+    lambda b, tp: optax_sam.unified_sam(b, two_phase=tp),
+    'unified_sam(base)',
+    False,
+    'none',
   ),
 )
 
@@ -209,6 +237,8 @@ def build_cases(
   for two_phase in (False, True):
     mode = '2phase' if two_phase else '1call'
     for v in VARIANTS:
+      if two_phase and not v.two_phase:
+        continue
       tx = v.build(base, two_phase)
       step = _plain_step(model, tx) if two_phase else _one_call_step(model, tx, False)
       expected = documented_state_bytes(v, two_phase, param_bytes)

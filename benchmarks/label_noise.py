@@ -66,6 +66,11 @@ NAMES = (
   'msam',
   'sam-every5',
   'sam-after',
+  'wsam',
+  'vasso',
+  'gcsam',
+  'unifiedsam',
+  'lookbehind',
 )
 # Radii when an optimizer is named without one.
 DEFAULT_RHO = {'asam': 1.0, 'msam': 0.3}
@@ -285,7 +290,9 @@ def make_optimizer(spec: Spec, setting: Setting, steps: int) -> optax.GradientTr
     return optax_sam.sam(base, rho, when=optax_sam.every(5))
   if name == 'sam-after':
     return optax_sam.sam(base, rho, when=optax_sam.after(steps // 2))
-  if name in aliases.VARIANTS:  # sam, usam, asam, fsam, stablesam, gsam, looksam, msam
+  if name == 'wsam':  # the decoupled sharpness term at the base's learning rate
+    return optax_sam.wsam(base, rho, learning_rate=lr)
+  if name in aliases.VARIANTS:  # the library's named variants, with their defaults
     return aliases.VARIANTS[name](base, rho)
   raise ValueError(f'unknown optimizer {name!r}')
 
@@ -303,6 +310,8 @@ def gradient_evaluations(spec: Spec, steps: int) -> int:
     return steps + len(range(0, steps, 5))
   if spec.name == 'sam-after':
     return steps + (steps - steps // 2)
+  if spec.name == 'lookbehind':  # the clean gradient and k = 5 at the accumulated ascents
+    return 6 * steps
   return 2 * steps
 
 

@@ -9,7 +9,7 @@ same hyperparameters as the aliases' defaults in :mod:`benchmarks.cases`.
 """
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,10 @@ ASAM_RHO, ASAM_ETA = 0.5, 0.01
 SIGMA, LMBDA = 1.0, 0.9
 ALPHA = 0.4
 EPS = 1e-12
+THETA, VASSO_EPS = 0.9, 1e-7  # VaSSO's defaults
+UNIFIED_RHO = 0.1  # unified_sam's default radius (its default lmbda = 1 is SAM's ascent)
+WSAM_WEIGHT = 0.9 / (1 - 0.9)  # WSAM's gamma / (1 - gamma) at gamma = 0.9
+LEARNING_RATE = 0.1  # benchmarks.cases.LEARNING_RATE, WSAM's decoupled term's rate
 
 
 class Math(NamedTuple):
@@ -31,11 +35,14 @@ class Math(NamedTuple):
     ascent: ``ascent(g, params, state) -> (e, new_state)``.
     correction: ``correction(g, g_adv) -> g_sam``.
     init: ``init(params) -> state`` of the ascent (``()`` when there is none).
+    outside: ``outside(g, g_adv) -> updates`` added to the base optimizer's (WSAM's decoupled
+      term), or ``None``.
   """
 
   ascent: Callable
   correction: Callable
   init: Callable
+  outside: Optional[Callable] = None
 
 
 def _normalized(g, rho):
@@ -92,6 +99,40 @@ def _gsam(g, g_adv):
   return jax.tree.map(lambda a, x: a - ALPHA * (x - coef * a), g_adv, g)
 
 
+def _vasso_ascent(g, params, state):
+  """d = g at the first step, then (1 - theta) d + theta g; e = rho d / (||d|| + 1e-7)."""
+  del params
+  count, d = state
+  d = jax.tree.map(lambda x, m: jnp.where(count == 0, x, (1 - THETA) * m + THETA * x), g, d)
+  scale = RHO / (optax.tree.norm(d) + VASSO_EPS)
+  return jax.tree.map(lambda x: scale * x, d), (count + 1, d)
+
+
+def _gcsam_ascent(g, params, state):
+  """e = rho gc(g) / (||g|| + eps), gc removing each kernel's mean over all axes but the last."""
+  del params
+  scale = RHO / (optax.tree.norm(g) + EPS)
+  centred = jax.tree.map(
+    lambda x: x - jnp.mean(x, axis=tuple(range(x.ndim - 1)), keepdims=True) if x.ndim > 1 else x,
+    g,
+  )
+  return jax.tree.map(lambda x: scale * x, centred), state
+
+
+def _unified_ascent(g, params, state):
+  del params
+  return _normalized(g, UNIFIED_RHO), state
+
+
+def _clean(g, g_adv):
+  del g_adv
+  return g
+
+
+def _wsam_outside(g, g_adv):
+  return jax.tree.map(lambda a, x: -LEARNING_RATE * WSAM_WEIGHT * (a - x), g_adv, g)
+
+
 _no_state = lambda params: ()
 
 MATH = {
@@ -101,6 +142,10 @@ MATH = {
   'stablesam': Math(_usam_ascent, _stable, _no_state),
   'gsam': Math(_sam_ascent, _gsam, _no_state),
   'fsam+stable': Math(_fsam_ascent, _stable, _fsam_init),
+  'wsam': Math(_sam_ascent, _clean, _no_state, _wsam_outside),
+  'vasso': Math(_vasso_ascent, _identity, _fsam_init),
+  'gcsam': Math(_gcsam_ascent, _identity, _no_state),
+  'unifiedsam': Math(_unified_ascent, _identity, _no_state),
 }
 
 
@@ -118,6 +163,8 @@ def reference_step(model: Model, base: optax.GradientTransformation, math: Math)
     perturbed = jax.tree.map(jnp.add, params, e)
     adv_grads = jax.grad(model.loss, has_aux=True)(perturbed, model_state, batch)[0]
     updates, base_state = base.update(math.correction(grads, adv_grads), base_state, params)
+    if math.outside is not None:
+      updates = jax.tree.map(jnp.add, updates, math.outside(grads, adv_grads))
     return (
       optax.apply_updates(params, updates),
       (ascent_state, base_state),

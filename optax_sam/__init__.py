@@ -2,18 +2,43 @@
 
 from optax_sam import sharpness  # submodule: optax_sam.sharpness.hessian_eigenvalues, ...
 from optax_sam._src.adaptive import not_bias_mask
-from optax_sam._src.aliases import asam, friendly_sam, gsam, look_sam, sam, stable_sam
+from optax_sam._src.aliases import (
+  asam,
+  friendly_sam,
+  gcsam,
+  gsam,
+  look_sam,
+  lookbehind_sam,
+  sam,
+  stable_sam,
+  unified_sam,
+  vasso,
+  wsam,
+)
 from optax_sam._src.corrections import (
   Correction,
+  DecoupledMemory,
+  decoupled_correction,
   gsam_correction,
   look_sam_correction,
+  mixed_correction,
   no_correction,
   stable_correction,
 )
+from optax_sam._src.cycles import CycleState
 from optax_sam._src.micro_batches import MicroBatches, accumulated_grad_fn, micro_batches
 from optax_sam._src.momentum_sam import momentum_sam
 from optax_sam._src.nonfinite import SkipNonfiniteState, skip_nonfinite, skipped_steps
-from optax_sam._src.perturbations import AscentState, FriendlyState, ascent, friendly_direction
+from optax_sam._src.perturbations import (
+  AscentState,
+  FriendlyState,
+  VassoState,
+  ascent,
+  centralized_ascent,
+  friendly_direction,
+  unified_ascent,
+  vasso_direction,
+)
 from optax_sam._src.policies import (
   AESAMState,
   CountState,
@@ -40,7 +65,9 @@ __all__ = (
   'AESAMState',
   'AscentState',
   'Correction',
+  'CycleState',
   'CountState',
+  'DecoupledMemory',
   'FriendlyState',
   'MicroBatches',
   'MomentumSAMState',
@@ -50,21 +77,27 @@ __all__ = (
   'SAMStatistics',
   'SkipNonfiniteState',
   'TwoPhaseSAMState',
+  'VassoState',
   'accumulated_grad_fn',
   'ae_sam',
   'after',
-  'ascent',
   'asam',
+  'ascent',
+  'centralized_ascent',
   'clean_params',
+  'decoupled_correction',
   'every',
   'friendly_direction',
   'friendly_sam',
+  'gcsam',
   'gsam',
   'gsam_correction',
   'is_perturbed',
   'look_sam',
   'look_sam_correction',
+  'lookbehind_sam',
   'micro_batches',
+  'mixed_correction',
   'momentum_sam',
   'no_correction',
   'not_bias_mask',
@@ -77,4 +110,9 @@ __all__ = (
   'stable_correction',
   'stable_sam',
   'step_statistics',
+  'unified_ascent',
+  'unified_sam',
+  'vasso',
+  'vasso_direction',
+  'wsam',
 )

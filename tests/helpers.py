@@ -141,12 +141,22 @@ VARIANTS = {
   ),
   'looksam': _variant(optax_sam.look_sam, None, rho=0.1, alpha=0.7, k=2),
   'msam': _variant(optax_sam.momentum_sam, None, rho=0.3),
+  # Checked against their authors' code in tests/test_family.py (trajectories in tests/official).
+  'wsam': _variant(optax_sam.wsam, None, rho=0.1, gamma=0.8, learning_rate=0.1),
+  'wsam(coupled)': _variant(optax_sam.wsam, None, rho=0.1, gamma=0.8, decouple=False, max_norm=0.5),
+  'vasso': _variant(optax_sam.vasso, None, rho=0.1, theta=0.4),
+  'gcsam': _variant(optax_sam.gcsam, None, rho=0.1),
+  'unifiedsam': _variant(optax_sam.unified_sam, None, rho=0.1, lmbda=0.5),
+  'lookbehind': _variant(optax_sam.lookbehind_sam, None, rho=0.1, k=2, alpha=0.5),
+  'sam-on': _variant(optax_sam.sam, None, rho=0.1, perturb_mask={'kernel': False, 'bias': True}),
 }
 # The variants of the SAM wrapper (momentum_sam is its own transformation: no grad_fn, no
 # two-phase mode, no when=).
 WRAPPED = tuple(name for name in VARIANTS if name != 'msam')
 # One of each part: the perturbations and corrections (and their combinations) the aliases name.
 CORE = ('sam', 'usam', 'asam', 'fsam', 'stablesam', 'gsam', 'fsam+stable', 'asam+stable')
+# The variants grown from parts after the core (issue 26), each checked against its authors' code.
+FAMILY = ('wsam', 'wsam(coupled)', 'vasso', 'gcsam', 'unifiedsam', 'sam-on')
 
 
 def grad_fn_for(state, grad_fn) -> dict:

@@ -19,6 +19,8 @@ REAL = 'real'  # any finite real number
 POSITIVE_INT = 'positive integer'
 NONNEGATIVE_INT = 'nonnegative integer'
 FLAG = 'flag'
+UNIT_OPEN = 'unit, 1 excluded'  # a finite real number in [0, 1)
+POSITIVE = 'positive'  # a finite real number > 0
 
 BAD = {
   NONNEGATIVE: ['0.05', True, math.inf, math.nan, -0.1, [0.1]],
@@ -27,6 +29,8 @@ BAD = {
   POSITIVE_INT: [0, 2.5, True, '3', np.float32(2.0)],
   NONNEGATIVE_INT: [-1, 2.5, False, '3'],
   FLAG: ['yes', 1, None],
+  UNIT_OPEN: ['0.5', True, math.nan, -0.1, 1.0],
+  POSITIVE: ['1', True, math.inf, 0.0, -1.0],
 }
 GOOD = {
   NONNEGATIVE: [0, 0.3, np.float32(0.1), np.int64(2)],
@@ -35,6 +39,8 @@ GOOD = {
   POSITIVE_INT: [1, np.int32(3)],
   NONNEGATIVE_INT: [0, 7],
   FLAG: [True, False, np.bool_(True)],
+  UNIT_OPEN: [0, 0.5, 0.99],
+  POSITIVE: [0.5, 2],
 }
 
 sgd = lambda: optax.sgd(0.1, momentum=0.9)
@@ -94,6 +100,34 @@ FACTORIES = {
   'ae_sam': (
     lambda **k: optax_sam.ae_sam(**{'total_steps': 10, **k}),
     dict(total_steps=POSITIVE_INT, delta=UNIT, lambda1=REAL, lambda2=REAL),
+  ),
+  'wsam': (
+    lambda **k: optax_sam.wsam(sgd(), **{'learning_rate': 0.1, **k}),
+    dict(rho=NONNEGATIVE, gamma=UNIT_OPEN, learning_rate=NONNEGATIVE, max_norm=POSITIVE)
+    | dict(decouple=FLAG, adaptive=FLAG, eps=NONNEGATIVE, **OPTIONS),
+  ),
+  'vasso': (
+    lambda **k: optax_sam.vasso(sgd(), **k),
+    dict(rho=NONNEGATIVE, theta=UNIT, eta=NONNEGATIVE, eps=NONNEGATIVE, adaptive=FLAG, **OPTIONS),
+  ),
+  'gcsam': (
+    lambda **k: optax_sam.gcsam(sgd(), **k),
+    dict(rho=NONNEGATIVE, eps=NONNEGATIVE, adaptive=FLAG, **OPTIONS),
+  ),
+  'unified_sam': (
+    lambda **k: optax_sam.unified_sam(sgd(), **k),
+    dict(rho=NONNEGATIVE, lmbda=UNIT, eta=NONNEGATIVE, eps=NONNEGATIVE, adaptive=FLAG, **OPTIONS),
+  ),
+  'unified_ascent': (optax_sam.unified_ascent, dict(rho=NONNEGATIVE, lmbda=UNIT, eps=NONNEGATIVE)),
+  'vasso_direction': (optax_sam.vasso_direction, dict(theta=UNIT)),
+  'centralized_ascent': (
+    optax_sam.centralized_ascent,
+    dict(rho=NONNEGATIVE, eps=NONNEGATIVE, adaptive=FLAG),
+  ),
+  'mixed_correction': (optax_sam.mixed_correction, dict(weight=NONNEGATIVE, max_norm=POSITIVE)),
+  'decoupled_correction': (
+    lambda **k: optax_sam.decoupled_correction(**{'weight': 1.0, 'learning_rate': 0.1, **k}),
+    dict(weight=NONNEGATIVE, learning_rate=NONNEGATIVE, max_norm=POSITIVE),
   ),
   'skip_nonfinite': (
     lambda **k: optax_sam.skip_nonfinite(optax_sam.sam(sgd()), **k),

@@ -14,7 +14,7 @@ from tests import helpers
 
 ALIASES = {
   name: lambda v=helpers.VARIANTS[name], **k: v.make(optax.sgd(0.1, momentum=0.9), **k)
-  for name in (*helpers.CORE, 'looksam')
+  for name in (*helpers.CORE, *helpers.FAMILY, 'looksam')
 }
 ALIASES['sam every(2)'] = lambda **k: ALIASES['sam'](when=optax_sam.every(2), **k)
 NARROW = (jnp.bfloat16, jnp.float16)

@@ -16,7 +16,7 @@ from tests import helpers
 
 VARIANTS = {
   name: lambda v=helpers.VARIANTS[name], **k: v.make(optax.sgd(0.1, momentum=0.9), **k)
-  for name in helpers.CORE
+  for name in (*helpers.CORE, *helpers.FAMILY)
 }
 
 

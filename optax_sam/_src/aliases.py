@@ -14,7 +14,7 @@ from typing import Any, Optional
 import optax
 
 from optax_sam._src import adaptive as adaptive_lib
-from optax_sam._src import corrections, numerics, perturbations, policies
+from optax_sam._src import corrections, cycles, numerics, perturbations, policies
 from optax_sam._src import momentum_sam as momentum_sam_lib
 from optax_sam._src import options as options_lib
 from optax_sam._src import sharpness_aware as wrapper
@@ -23,10 +23,18 @@ from optax_sam._src import sharpness_aware as wrapper
 SAMOptions = options_lib.SAMOptions
 
 
-def _ascent_and_correction(rho, normalize, adaptive, eta, adaptive_mask, stable, eps):
+def _ascent_and_correction(
+  rho, normalize, adaptive, eta, adaptive_mask, stable, eps, perturb_mask=None
+):
   numerics.check_flag('stable', stable)
   ascent = perturbations.ascent(
-    rho, normalize=normalize, adaptive=adaptive, eta=eta, adaptive_mask=adaptive_mask, eps=eps
+    rho,
+    normalize=normalize,
+    adaptive=adaptive,
+    eta=eta,
+    adaptive_mask=adaptive_mask,
+    perturb_mask=perturb_mask,
+    eps=eps,
   )
   if stable:
     correction = corrections.stable_correction(
@@ -45,6 +53,7 @@ def sam(
   adaptive: bool = False,
   eta: float = 0.0,
   adaptive_mask: adaptive_lib.MaskOrFn = None,
+  perturb_mask: adaptive_lib.MaskOrFn = None,
   stable: bool = False,
   eps: float = 1e-12,
   axis_name: Optional[str] = None,
@@ -73,6 +82,7 @@ def sam(
     adaptive: ASAM's parameter-wise scaling.
     eta: ASAM's offset (``>= 0``).
     adaptive_mask: tree of bools or callable of params selecting the scaled leaves.
+    perturb_mask: selects the perturbed leaves (``None``: all; SAM-ON: the normalization layers).
     stable: StableSAM's renormalization.
     eps: added to norms in denominators (``>= 0``).
     axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype, when: the
@@ -99,7 +109,7 @@ def sam(
     Generalization": https://arxiv.org/abs/2010.01412
   """
   ascent, correction = _ascent_and_correction(
-    rho, normalize, adaptive, eta, adaptive_mask, stable, eps
+    rho, normalize, adaptive, eta, adaptive_mask, stable, eps, perturb_mask
   )
   options = SAMOptions.from_arguments(locals())
   return wrapper.compose(base_optimizer, ascent, correction, options)
@@ -111,6 +121,7 @@ def asam(
   *,
   eta: float = 0.01,
   adaptive_mask: adaptive_lib.MaskOrFn = None,
+  perturb_mask: adaptive_lib.MaskOrFn = None,
   normalize: bool = True,
   stable: bool = False,
   eps: float = 1e-12,
@@ -135,6 +146,7 @@ def asam(
     rho: perturbation radius (``>= 0``) or a schedule; ASAM's default is 0.5.
     eta: offset in ``T`` (``>= 0``).
     adaptive_mask: selects the scaled leaves (``None``: :func:`not_bias_mask`).
+    perturb_mask: selects the perturbed leaves (``None``: all; SAM-ON: the normalization layers).
     normalize: divide the ascent by ``||T g||`` (``False``: ``e = rho T^2 g``).
     stable: StableSAM's renormalization with ``T``-weighted norms.
     eps: added to norms in denominators (``>= 0``).
@@ -155,7 +167,9 @@ def asam(
     Scale-Invariant Learning of Deep Neural Networks": https://arxiv.org/abs/2102.11600
   """
   mask = adaptive_lib.not_bias_mask if adaptive_mask is None else adaptive_mask
-  ascent, correction = _ascent_and_correction(rho, normalize, True, eta, mask, stable, eps)
+  ascent, correction = _ascent_and_correction(
+    rho, normalize, True, eta, mask, stable, eps, perturb_mask
+  )
   options = SAMOptions.from_arguments(locals())
   return wrapper.compose(base_optimizer, ascent, correction, options)
 
@@ -170,6 +184,7 @@ def friendly_sam(
   adaptive: bool = False,
   eta: float = 0.0,
   adaptive_mask: adaptive_lib.MaskOrFn = None,
+  perturb_mask: adaptive_lib.MaskOrFn = None,
   stable: bool = False,
   eps: float = 1e-12,
   ema_dtype: Optional[Any] = None,
@@ -200,6 +215,7 @@ def friendly_sam(
     adaptive: ASAM's scaling of the ascent.
     eta: ASAM's offset (``>= 0``).
     adaptive_mask: selects the scaled leaves (``None``: all).
+    perturb_mask: selects the perturbed leaves (``None``: all; SAM-ON: the normalization layers).
     stable: StableSAM's renormalization.
     eps: added to norms in denominators (``>= 0``).
     ema_dtype: dtype of the EMA buffer (default: the parameters' dtype).
@@ -223,7 +239,7 @@ def friendly_sam(
     https://arxiv.org/abs/2403.12350
   """
   ascent, correction = _ascent_and_correction(
-    rho, normalize, adaptive, eta, adaptive_mask, stable, eps
+    rho, normalize, adaptive, eta, adaptive_mask, stable, eps, perturb_mask
   )
   direction = perturbations.friendly_direction(sigma, lmbda, ema_dtype=ema_dtype)
   perturbation = optax.chain(direction, ascent)
@@ -239,6 +255,7 @@ def stable_sam(
   adaptive: bool = False,
   eta: float = 0.0,
   adaptive_mask: adaptive_lib.MaskOrFn = None,
+  perturb_mask: adaptive_lib.MaskOrFn = None,
   eps: float = 1e-12,
   axis_name: Optional[str] = None,
   local_perturbation: bool = False,
@@ -263,6 +280,7 @@ def stable_sam(
     adaptive: ASAM's scaling, also of both norms.
     eta: ASAM's offset (``>= 0``).
     adaptive_mask: selects the scaled leaves (``None``: all).
+    perturb_mask: selects the perturbed leaves (``None``: all; SAM-ON: the normalization layers).
     eps: added to norms in denominators (``>= 0``).
     axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype, when: the
       wrapper's options, the same for every alias (see :func:`sharpness_aware`).
@@ -285,7 +303,7 @@ def stable_sam(
     Simple Renormalization Strategy": https://arxiv.org/abs/2401.07250
   """
   ascent, correction = _ascent_and_correction(
-    rho, normalize, adaptive, eta, adaptive_mask, True, eps
+    rho, normalize, adaptive, eta, adaptive_mask, True, eps, perturb_mask
   )
   options = SAMOptions.from_arguments(locals())
   return wrapper.compose(base_optimizer, ascent, correction, options)
@@ -296,6 +314,7 @@ def gsam(
   rho: perturbations.ScalarOrSchedule = 0.05,
   alpha: float = 0.4,
   *,
+  perturb_mask: adaptive_lib.MaskOrFn = None,
   eps: float = 1e-12,
   axis_name: Optional[str] = None,
   local_perturbation: bool = False,
@@ -316,6 +335,7 @@ def gsam(
     base_optimizer: the optax optimizer that receives the SAM gradient.
     rho: perturbation radius (``>= 0``) or a schedule.
     alpha: weight of the orthogonal component (``>= 0``).
+    perturb_mask: selects the perturbed leaves (``None``: all; SAM-ON: the normalization layers).
     eps: added to norms in denominators (``>= 0``).
     axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype, when: the
       wrapper's options, the same for every alias (see :func:`sharpness_aware`).
@@ -335,7 +355,7 @@ def gsam(
     Zhuang et al., 2022, "Surrogate Gap Guided Sharpness-Aware Minimization":
     https://arxiv.org/abs/2203.08065
   """
-  ascent = perturbations.ascent(rho, eps=eps)
+  ascent = perturbations.ascent(rho, perturb_mask=perturb_mask, eps=eps)
   correction = corrections.gsam_correction(alpha, eps=eps)
   options = SAMOptions.from_arguments(locals())
   return wrapper.compose(base_optimizer, ascent, correction, options)
@@ -347,6 +367,7 @@ def look_sam(
   alpha: float = 0.7,
   k: int = 5,
   *,
+  perturb_mask: adaptive_lib.MaskOrFn = None,
   eps: float = 1e-12,
   axis_name: Optional[str] = None,
   local_perturbation: bool = False,
@@ -375,6 +396,7 @@ def look_sam(
     rho: perturbation radius (``>= 0``) or a schedule.
     alpha: weight of the reused direction (``>= 0``).
     k: the period of SAM steps (an integer ``>= 1``).
+    perturb_mask: selects the perturbed leaves (``None``: all; SAM-ON: the normalization layers).
     eps: added to norms in denominators (``>= 0``).
     axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype, when: the
       wrapper's options, the same for every alias (see :func:`sharpness_aware`).
@@ -400,10 +422,376 @@ def look_sam(
     Minimization": https://arxiv.org/abs/2203.02714
   """
   policy = policies.every(k) if when is None else when
-  ascent = perturbations.ascent(rho, eps=eps)
+  ascent = perturbations.ascent(rho, perturb_mask=perturb_mask, eps=eps)
   correction = corrections.look_sam_correction(alpha, eps=eps)
   options = SAMOptions.from_arguments(locals(), when=policy)
   return wrapper.compose(base_optimizer, ascent, correction, options)
+
+
+def wsam(
+  base_optimizer: optax.GradientTransformation,
+  rho: perturbations.ScalarOrSchedule = 0.05,
+  gamma: float = 0.9,
+  *,
+  learning_rate: Any = None,
+  decouple: bool = True,
+  max_norm: Optional[float] = None,
+  adaptive: bool = False,
+  perturb_mask: adaptive_lib.MaskOrFn = None,
+  eps: float = 1e-12,
+  axis_name: Optional[str] = None,
+  local_perturbation: bool = False,
+  two_phase: bool = False,
+  statistics: bool = False,
+  perturb_in_param_dtype: bool = False,
+  when: Optional[policies.Policy] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Weighted SAM: the sharpness term weighted by :math:`\alpha = \gamma / (1 - \gamma)`.
+
+  .. math::
+
+    e = \rho \frac{g}{\|g\| + \epsilon}, \qquad
+    u = \mathrm{base}(g) - \eta_t \alpha (g_{adv} - g) \quad (\text{decouple}),
+    \qquad u = \mathrm{base}(g + \alpha (g_{adv} - g)) \quad (\text{coupled}).
+
+  Decoupled (the default, as the official code), the sharpness term is applied
+  outside the base optimizer with the learning rate :math:`\eta_t` you pass
+  (no momentum, no weight decay on it): :func:`decoupled_correction`. Coupled,
+  the base optimizer gets the weighted sum: :func:`mixed_correction`.
+  ``gamma = 0.5`` coupled is SAM's step on ``g_adv``.
+
+  Args:
+    base_optimizer: the optax optimizer that receives ``g`` (decoupled) or the
+      weighted gradient (coupled).
+    rho: perturbation radius (``>= 0``) or a schedule.
+    gamma: the sharpness weight, in ``[0, 1)``; :math:`\alpha = \gamma / (1 - \gamma)`.
+    learning_rate: required with ``decouple=True``: the learning rate of the
+      sharpness term (usually the base optimizer's), a number or an optax
+      schedule of the SAM-step count.
+    decouple: apply the sharpness term outside the base optimizer.
+    max_norm: clip ``g`` and ``g_adv`` (each) to this global norm after the
+      perturbation is computed from the unclipped ``g`` (``None``: no clipping).
+    adaptive: ASAM's scaling with :math:`T = |w|` on every leaf (no ``eta``), as
+      the official code.
+    perturb_mask: selects the perturbed leaves (``None``: all; SAM-ON: the normalization layers).
+    eps: added to the norm in the ascent (``>= 0``).
+    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype, when: the
+      wrapper's options, the same for every alias (see :func:`sharpness_aware`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (see :func:`sam`).
+
+  Raises:
+    ValueError: ``decouple=True`` without ``learning_rate``, or a bad value.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_sam
+    >>> loss = lambda w: jnp.sum(w ** 4)
+    >>> tx = optax_sam.wsam(optax.sgd(0.1, momentum=0.9), rho=0.05, gamma=0.9, learning_rate=0.1)
+    >>> w = jnp.array([1.0, -1.0])
+    >>> u, _ = tx.update(jax.grad(loss)(w), tx.init(w), w, grad_fn=jax.grad(loss))
+
+  References:
+    Yue et al., 2023, "Sharpness-Aware Minimization Revisited: Weighted
+    Sharpness as a Regularization Term": https://arxiv.org/abs/2305.15817
+  """
+  numerics.check_range('gamma', gamma, 0.0, 1.0)
+  numerics.check_flag('decouple', decouple)
+  if numerics.is_concrete(gamma) and float(gamma) == 1.0:
+    raise ValueError('gamma must be below 1 (alpha = gamma / (1 - gamma)), got 1.0.')
+  if decouple and learning_rate is None:
+    raise ValueError(
+      'wsam(decouple=True) needs learning_rate, the learning rate of the decoupled sharpness '
+      "term (usually the base optimizer's: a number or a schedule); or pass decouple=False."
+    )
+  alpha = gamma / (1 - gamma)
+  ascent = perturbations.ascent(rho, adaptive=adaptive, perturb_mask=perturb_mask, eps=eps)
+  if decouple:
+    correction = corrections.decoupled_correction(alpha, learning_rate, max_norm=max_norm)
+  else:
+    correction = corrections.mixed_correction(alpha, max_norm=max_norm)
+  options = SAMOptions.from_arguments(locals())
+  return wrapper.compose(base_optimizer, ascent, correction, options)
+
+
+def vasso(
+  base_optimizer: optax.GradientTransformation,
+  rho: perturbations.ScalarOrSchedule = 0.05,
+  theta: float = 0.9,
+  *,
+  adaptive: bool = False,
+  eta: float = 0.0,
+  adaptive_mask: adaptive_lib.MaskOrFn = None,
+  perturb_mask: adaptive_lib.MaskOrFn = None,
+  eps: float = 1e-7,
+  axis_name: Optional[str] = None,
+  local_perturbation: bool = False,
+  two_phase: bool = False,
+  statistics: bool = False,
+  perturb_in_param_dtype: bool = False,
+  when: Optional[policies.Policy] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""VaSSO: SAM along a moving average of the gradients, suppressing their variance.
+
+  .. math::
+
+    d_t = (1 - \theta) d_{t-1} + \theta g_t \;(d_1 = g_1), \qquad
+    e = \rho \frac{d_t}{\|d_t\| + \epsilon}.
+
+  ``theta = 1`` is SAM. The composition of :func:`vasso_direction` and
+  :func:`ascent`.
+
+  Args:
+    base_optimizer: the optax optimizer that receives the SAM gradient.
+    rho: perturbation radius (``>= 0``) or a schedule.
+    theta: the weight of the new gradient in ``d``, in ``[0, 1]``.
+    adaptive: ASAM's scaling of the ascent.
+    eta: ASAM's offset (``>= 0``).
+    adaptive_mask: selects the scaled leaves (``None``: all).
+    perturb_mask: selects the perturbed leaves (``None``: all; SAM-ON: the normalization layers).
+    eps: added to the norm (``>= 0``; the official code's 1e-7).
+    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype, when: the
+      wrapper's options, the same for every alias (see :func:`sharpness_aware`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; the state holds ``d`` (one
+    parameter-sized buffer) and a step count.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_sam
+    >>> loss = lambda w: jnp.sum(w ** 4)
+    >>> tx = optax_sam.vasso(optax.sgd(0.1), rho=0.05, theta=0.4)
+    >>> w = jnp.array([1.0, -1.0])
+    >>> u, _ = tx.update(jax.grad(loss)(w), tx.init(w), w, grad_fn=jax.grad(loss))
+
+  References:
+    Li and Giannakis, 2023, "Enhancing Sharpness-Aware Optimization Through
+    Variance Suppression": https://arxiv.org/abs/2309.15639
+  """
+  direction = perturbations.vasso_direction(theta)
+  ascent = perturbations.ascent(
+    rho,
+    adaptive=adaptive,
+    eta=eta,
+    adaptive_mask=adaptive_mask,
+    perturb_mask=perturb_mask,
+    eps=eps,
+  )
+  perturbation = optax.chain(direction, ascent)
+  options = SAMOptions.from_arguments(locals())
+  return wrapper.compose(base_optimizer, perturbation, corrections.no_correction(), options)
+
+
+def gcsam(
+  base_optimizer: optax.GradientTransformation,
+  rho: perturbations.ScalarOrSchedule = 0.05,
+  *,
+  adaptive: bool = False,
+  output_axes: perturbations.AxesOrFn = (-1,),
+  perturb_mask: adaptive_lib.MaskOrFn = None,
+  eps: float = 1e-12,
+  axis_name: Optional[str] = None,
+  local_perturbation: bool = False,
+  two_phase: bool = False,
+  statistics: bool = False,
+  perturb_in_param_dtype: bool = False,
+  when: Optional[policies.Policy] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""GCSAM: SAM whose ascent follows the centralized gradient.
+
+  .. math::
+
+    e = \rho \frac{T^2 \mathrm{gc}(g)}{\|T g\| + \epsilon},
+
+  with :math:`\mathrm{gc}` removing from each kernel its mean over every axis
+  but the output axis (:func:`centralized_ascent`); the perturbed gradient
+  is not centralized. :math:`T = |w|` with ``adaptive``, else 1.
+
+  Args:
+    base_optimizer: the optax optimizer that receives the SAM gradient.
+    rho: perturbation radius (``>= 0``) or a schedule.
+    adaptive: ASAM's scaling with :math:`T = |w|` on every leaf.
+    output_axes: each kernel's output axis or axes (``(-1,)``: Flax's
+      ``Dense`` and ``Conv``; PyTorch's is 0), or a callable of the leaf
+      returning them; a tuple under ``optax.inject_hyperparams``.
+    perturb_mask: selects the perturbed leaves (``None``: all; SAM-ON: the normalization layers).
+    eps: added to the norm (``>= 0``).
+    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype, when: the
+      wrapper's options, the same for every alias (see :func:`sharpness_aware`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (see :func:`sam`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_sam
+    >>> loss = lambda w: jnp.sum(w['kernel'] ** 4)
+    >>> tx = optax_sam.gcsam(optax.sgd(0.1), rho=0.05)
+    >>> w = {'kernel': jnp.array([[1.0, -1.0], [0.5, 2.0]])}
+    >>> u, _ = tx.update(jax.grad(loss)(w), tx.init(w), w, grad_fn=jax.grad(loss))
+
+  References:
+    Hassan et al., 2025, "GCSAM: Gradient Centralized Sharpness Aware
+    Minimization": https://arxiv.org/abs/2501.11584
+  """
+  ascent = perturbations.centralized_ascent(
+    rho, adaptive=adaptive, output_axes=output_axes, perturb_mask=perturb_mask, eps=eps
+  )
+  options = SAMOptions.from_arguments(locals())
+  return wrapper.compose(base_optimizer, ascent, corrections.no_correction(), options)
+
+
+def unified_sam(
+  base_optimizer: optax.GradientTransformation,
+  rho: perturbations.ScalarOrSchedule = 0.1,
+  lmbda: perturbations.ScalarOrSchedule = 1.0,
+  *,
+  adaptive: bool = False,
+  eta: float = 0.0,
+  adaptive_mask: adaptive_lib.MaskOrFn = None,
+  perturb_mask: adaptive_lib.MaskOrFn = None,
+  eps: float = 1e-12,
+  axis_name: Optional[str] = None,
+  local_perturbation: bool = False,
+  two_phase: bool = False,
+  statistics: bool = False,
+  perturb_in_param_dtype: bool = False,
+  when: Optional[policies.Policy] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Unified SAM: a convex combination of SAM's and USAM's ascents.
+
+  .. math::
+
+    e = \rho \left(1 - \lambda + \frac{\lambda}{\|g\| + \epsilon}\right) g.
+
+  ``lmbda = 1`` is SAM, ``0`` USAM; ``lmbda`` may be a schedule of the step
+  count (the paper's :math:`1 - 1/t`: ``lambda c: 1 - 1 / (c + 1)``). The
+  ascent is :func:`unified_ascent`.
+
+  Args:
+    base_optimizer: the optax optimizer that receives the SAM gradient.
+    rho: perturbation radius (``>= 0``) or a schedule.
+    lmbda: the weight of the normalized ascent, in ``[0, 1]``, or a schedule.
+    adaptive: ASAM's scaling of the ascent.
+    eta: ASAM's offset (``>= 0``).
+    adaptive_mask: selects the scaled leaves (``None``: all).
+    perturb_mask: selects the perturbed leaves (``None``: all; SAM-ON: the normalization layers).
+    eps: added to the norm (``>= 0``).
+    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype, when: the
+      wrapper's options, the same for every alias (see :func:`sharpness_aware`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (see :func:`sam`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_sam
+    >>> loss = lambda w: jnp.sum(w ** 4)
+    >>> tx = optax_sam.unified_sam(optax.sgd(0.1), rho=0.1, lmbda=0.5)
+    >>> w = jnp.array([1.0, -1.0])
+    >>> u, _ = tx.update(jax.grad(loss)(w), tx.init(w), w, grad_fn=jax.grad(loss))
+
+  References:
+    Oikonomou and Loizou, 2025, "Sharpness-Aware Minimization: General
+    Analysis and Improved Rates": https://arxiv.org/abs/2503.02225
+  """
+  ascent = perturbations.unified_ascent(
+    rho,
+    lmbda,
+    adaptive=adaptive,
+    eta=eta,
+    adaptive_mask=adaptive_mask,
+    perturb_mask=perturb_mask,
+    eps=eps,
+  )
+  options = SAMOptions.from_arguments(locals())
+  return wrapper.compose(base_optimizer, ascent, corrections.no_correction(), options)
+
+
+def lookbehind_sam(
+  base_optimizer: optax.GradientTransformation,
+  rho: perturbations.ScalarOrSchedule = 0.05,
+  k: int = 5,
+  alpha: Optional[float] = 0.5,
+  *,
+  adaptive: bool = False,
+  eta: float = 0.01,
+  adaptive_mask: adaptive_lib.MaskOrFn = None,
+  perturb_mask: adaptive_lib.MaskOrFn = None,
+  eps: float = 1e-16,
+  axis_name: Optional[str] = None,
+  local_perturbation: bool = False,
+  two_phase: bool = False,
+  statistics: bool = False,
+  when: Optional[policies.Policy] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Lookbehind-SAM: ``k`` accumulated ascents and descents per step, then a step back.
+
+  One ``update`` is one cycle from the slow weights :math:`s` (the weights the
+  model holds): :math:`a_0 = \phi_0 = s`; for :math:`j = 1..k`,
+
+  .. math::
+
+    a_j = a_{j-1} + \rho \frac{T^2 g_j}{\|T g_j\| + \epsilon}, \quad
+    g_{j+1} = \nabla L(a_j), \quad
+    \phi_j = \phi_{j-1} + \mathrm{base}(g_{j+1}, \phi_{j-1}),
+
+  with :math:`g_1` the clean gradient passed to ``update`` (the ascents
+  accumulate: each starts where the last one ended); then
+  :math:`s' = \alpha \phi_k + (1 - \alpha) s`. ``grad_fn`` is called ``k``
+  times, on the same batch. ``alpha=None`` chooses it per leaf,
+  :math:`(\cos(\phi_1 - s, \phi_k - s) + 1) / 2` (the official
+  ``alpha=-1``). The base optimizer sees ``k`` updates per call: its schedules
+  and step counts advance ``k`` times per ``update``. Built from
+  :func:`ascent` and the cycle of inner steps (``optax_sam._src.cycles``).
+
+  Args:
+    base_optimizer: the optimizer of the fast weights :math:`\phi`.
+    rho: the radius of each ascent (``>= 0``) or a schedule of the inner-step count.
+    k: inner steps per update (an integer ``>= 1``).
+    alpha: the weight of the fast weights, in ``[0, 1]``, or ``None`` (adaptive).
+    adaptive: ASAM's ascent, :math:`T = |a| + \eta` (the official LookbehindASAM).
+    eta: ASAM's offset (``>= 0``; used with ``adaptive``).
+    adaptive_mask: the leaves scaled by ``T`` (``None``: all but biases,
+      :func:`not_bias_mask`, as the official code).
+    perturb_mask: selects the perturbed leaves (``None``: all; SAM-ON: the normalization layers).
+    eps: added to the norm (``>= 0``; the official 1e-16).
+    axis_name, local_perturbation: as in :func:`sharpness_aware`.
+    two_phase, statistics, when: not available for this step shape (a cycle
+      needs ``grad_fn`` ``k`` times in one call); ``True``/a policy raises.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; call
+    ``update(grads, state, params, grad_fn=...)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_sam
+    >>> loss = lambda w: jnp.sum((w - 1.0) ** 2)
+    >>> tx = optax_sam.lookbehind_sam(optax.sgd(0.1), rho=0.05, k=2, alpha=0.5)
+    >>> w = jnp.zeros(2)
+    >>> u, state = tx.update(jax.grad(loss)(w), tx.init(w), w, grad_fn=jax.grad(loss))
+
+  References:
+    Mordido et al., 2024, "Lookbehind-SAM: k steps back, 1 step forward":
+    https://arxiv.org/abs/2307.16704
+  """
+  numerics.check_flag('two_phase', two_phase)
+  numerics.check_flag('statistics', statistics)
+  if two_phase or statistics or when is not None:
+    raise ValueError(
+      'lookbehind_sam runs k inner steps in one update with grad_fn: it has no two-phase mode, '
+      'no when= policy and no step statistics.'
+    )
+  mask = adaptive_lib.not_bias_mask if adaptive_mask is None else adaptive_mask
+  ascent = perturbations.ascent(
+    rho, adaptive=adaptive, eta=eta, adaptive_mask=mask, perturb_mask=perturb_mask, eps=eps
+  )
+  return cycles.cycle(
+    base_optimizer,
+    ascent,
+    cycles.interpolate(alpha),
+    k,
+    axis_name=axis_name,
+    local_perturbation=local_perturbation,
+  )
 
 
 # The named variants, by the short names of the example's --optimizer (and of the benchmarks and
@@ -418,4 +806,9 @@ VARIANTS: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] = {
   'gsam': gsam,
   'looksam': look_sam,
   'msam': momentum_sam_lib.momentum_sam,
+  'wsam': wsam,
+  'vasso': vasso,
+  'gcsam': gcsam,
+  'unifiedsam': unified_sam,
+  'lookbehind': lookbehind_sam,
 }

@@ -56,6 +56,12 @@ class ReuseFn(Protocol):
   def __call__(self, memory: Any, grads: optax.Updates) -> optax.Updates: ...
 
 
+class OutsideFn(Protocol):
+  """``outside(memory, prepared, g_adv) -> updates``: an update added to the base optimizer's."""
+
+  def __call__(self, memory: Any, prepared: Any, adv_grads: optax.Updates) -> optax.Updates: ...
+
+
 class Correction(NamedTuple):
   """A gradient correction for the SAM wrapper.
 
@@ -73,6 +79,9 @@ class Correction(NamedTuple):
       averaged over devices); ``None``: the memory is kept as it is.
     reuse: ``reuse(memory, g) -> g_plain``: the gradient handed to the base
       optimizer on a plain step; ``None``: ``g`` itself.
+    outside: ``outside(memory, prepared, g_adv) -> updates``: on a SAM step, an
+      update added to the base optimizer's, outside it (WSAM's decoupled
+      step); ``None``: nothing. Plain steps add nothing.
   """
 
   init: InitFn
@@ -81,6 +90,7 @@ class Correction(NamedTuple):
   init_memory: InitFn = lambda w: optax.EmptyState()
   remember: Optional[RememberFn] = None
   reuse: Optional[ReuseFn] = None
+  outside: Optional[OutsideFn] = None
 
 
 def no_correction() -> Correction:
@@ -293,4 +303,155 @@ def look_sam_correction(alpha: float = 0.7, *, eps: float = 1e-12) -> Correction
     init_memory=optax.tree.zeros_like,
     remember=remember,
     reuse=reuse,
+  )
+
+
+def clip_by_global_norm(tree: Any, max_norm: Optional[float]) -> Any:
+  """``tree * min(1, max_norm / (||tree|| + 1e-6))``, as ``torch.nn.utils.clip_grad_norm_``."""
+  if max_norm is None:
+    return tree
+  norm = numerics.global_norm(tree)
+  factor = jnp.minimum(1, jnp.asarray(max_norm, norm.dtype) / (norm + 1e-6))
+  return numerics.scale_tree(tree, factor)
+
+
+def _mix(g: Any, g_adv: Any, weight: Any) -> Any:
+  """``g + weight (g_adv - g)`` leaf by leaf, in float32 or wider."""
+  dtype = numerics.accumulation_dtype(g)
+  weight = jnp.asarray(weight, dtype)
+  return jax.tree.map(
+    lambda a, c: (c.astype(dtype) + weight * (a.astype(dtype) - c.astype(dtype))).astype(
+      jnp.result_type(a)
+    ),
+    g_adv,
+    g,
+  )
+
+
+def mixed_correction(weight: float = 0.5, *, max_norm: Optional[float] = None) -> Correction:
+  r"""A weighted sum of the clean and the perturbed gradients.
+
+  .. math::
+
+    g_{sam} = g + w (g_{adv} - g) = (1 - w) g + w g_{adv},
+
+  WSAM's coupled rule (:math:`w = \gamma / (1 - \gamma)`, which may exceed 1)
+  and the mixing of random weight perturbation (m-RWP, :math:`w = \lambda`).
+  With ``max_norm`` both gradients are first clipped to that global norm.
+
+  Args:
+    weight: the weight ``w`` of the perturbed gradient's difference (``>= 0``).
+    max_norm: clip ``g`` and ``g_adv``, each, to this global norm (``> 0``);
+      ``None``: no clipping.
+
+  Returns:
+    A :class:`Correction` whose prepared value is the (clipped) clean gradient.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax_sam
+    >>> c = optax_sam.mixed_correction(weight=3.0)
+    >>> g, g_adv = jnp.array([1.0, 1.0]), jnp.array([2.0, 0.0])
+    >>> c.apply(c.prepare(g, None), g_adv, None)  # g + 3 (g_adv - g)
+    Array([ 4., -2.], dtype=float32)
+
+  References:
+    Yue et al., 2023, "Sharpness-Aware Minimization Revisited: Weighted
+    Sharpness as a Regularization Term": https://arxiv.org/abs/2305.15817
+  """
+  numerics.check_range('weight', weight)
+  if max_norm is not None:
+    numerics.check_range('max_norm', max_norm, low=1e-300)
+
+  return Correction(
+    init=optax.tree.zeros_like,
+    prepare=lambda g, w: clip_by_global_norm(g, max_norm),
+    apply=lambda g, g_adv, w_adv: _mix(g, clip_by_global_norm(g_adv, max_norm), weight),
+  )
+
+
+class DecoupledMemory(NamedTuple):
+  """Memory of :func:`decoupled_correction` with a learning-rate schedule.
+
+  Attributes:
+    count: SAM steps taken so far (the schedule's index).
+  """
+
+  count: jax.Array
+
+
+def decoupled_correction(
+  weight: float,
+  learning_rate: Any,
+  *,
+  max_norm: Optional[float] = None,
+) -> Correction:
+  r"""WSAM's decoupled rule: the base optimizer gets ``g``, the sharpness term is added outside it.
+
+  .. math::
+
+    u = \mathrm{base}(g) - \eta_t \, w \, (g_{adv} - g),
+
+  so the sharpness term sees no momentum, no adaptive scaling and no weight
+  decay of the base optimizer. With ``max_norm`` both gradients are first
+  clipped to that global norm.
+
+  Args:
+    weight: the weight ``w`` of the sharpness term (``>= 0``).
+    learning_rate: :math:`\eta_t`, a number (``>= 0``) or an optax schedule
+      indexed by the number of SAM steps taken (the base optimizer's step
+      count, unless a ``when`` policy makes plain steps).
+    max_norm: clip ``g`` and ``g_adv``, each, to this global norm (``> 0``).
+
+  Returns:
+    A :class:`Correction` with an ``outside`` update; its prepared value is
+    the (clipped) clean gradient, its memory a step count for a schedule.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax_sam
+    >>> c = optax_sam.decoupled_correction(weight=2.0, learning_rate=0.1)
+    >>> g, g_adv = jnp.array([1.0, 1.0]), jnp.array([2.0, 0.0])
+    >>> prepared = c.prepare(g, None)
+    >>> c.apply(prepared, g_adv, None)   # the base optimizer gets g
+    Array([1., 1.], dtype=float32)
+    >>> c.outside(c.init_memory(g), prepared, g_adv)  # -0.1 * 2 * (g_adv - g)
+    Array([-0.2,  0.2], dtype=float32)
+
+  References:
+    Yue et al., 2023, "Sharpness-Aware Minimization Revisited: Weighted
+    Sharpness as a Regularization Term": https://arxiv.org/abs/2305.15817
+  """
+  numerics.check_range('weight', weight)
+  numerics.check_range('learning_rate', learning_rate)
+  if max_norm is not None:
+    numerics.check_range('max_norm', max_norm, low=1e-300)
+  scheduled = callable(learning_rate)
+
+  def init_memory(params):
+    del params
+    return DecoupledMemory(jnp.zeros([], jnp.int32)) if scheduled else optax.EmptyState()
+
+  def outside(memory, g, g_adv):
+    lr = learning_rate(memory.count) if scheduled else learning_rate
+    dtype = numerics.accumulation_dtype(g)
+    scale = -jnp.asarray(lr, dtype) * jnp.asarray(weight, dtype)
+    g_adv = clip_by_global_norm(g_adv, max_norm)
+    return jax.tree.map(
+      lambda a, c: (scale * (a.astype(dtype) - c.astype(dtype))).astype(jnp.result_type(c)),
+      g_adv,
+      g,
+    )
+
+  def remember(memory, prepared, g_sam):
+    del prepared, g_sam
+    return DecoupledMemory(optax.safe_increment(memory.count)) if scheduled else memory
+
+  return Correction(
+    init=optax.tree.zeros_like,
+    prepare=lambda g, w: clip_by_global_norm(g, max_norm),
+    apply=lambda g, g_adv, w_adv: g,
+    init_memory=init_memory,
+    remember=remember if scheduled else None,
+    outside=outside,
   )

@@ -59,9 +59,9 @@ def cond(pred: Any, true_fn: Callable[..., Any], false_fn: Callable[..., Any], *
   return lax.cond(pred, canonical(true_fn), canonical(false_fn), *operands)
 
 
-def scan(body: Callable[[Any, Any], Any], init: Any, xs: Any) -> Any:
+def scan(body: Callable[[Any, Any], Any], init: Any, xs: Any, length: Optional[int] = None) -> Any:
   """``lax.scan`` whose body runs canonical convolutions on CPU (see :func:`canonical`)."""
-  return lax.scan(canonical(body), init, xs)
+  return lax.scan(canonical(body), init, xs, length=length)
 
 
 def canonical(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -296,11 +296,14 @@ def _scan_route(spec: one_call.Spec, batches: MicroBatches, state, params, extra
     """A group's clean gradient and its SAM terms (F-SAM's ``e`` needs only the group's own)."""
     g = clean_gradient(group)
     grad_fn = lambda p: batches.grad_fn(p, group)
-    g_sam, prepared, stats, _ = one_call.member_gradient(spec, g, g, state, params, grad_fn, alone)
-    return g, g_sam, prepared if keep_prepared else optax.EmptyState(), stats
+    g_sam, prepared, stats, _, outside = one_call.member_gradient(
+      spec, g, g, state, params, grad_fn, alone
+    )
+    outside = optax.EmptyState() if outside is None else outside
+    return g, g_sam, prepared if keep_prepared else optax.EmptyState(), stats, outside
 
   def sam_gradient(state):
-    mean_grads, g_sam, prepared, stats = _scan_mean(spec, batches, group_terms)
+    mean_grads, g_sam, prepared, stats, outside = _scan_mean(spec, batches, group_terms)
     g_sam = optax.tree.cast_like(g_sam, params)
     # The perturbation's state advances as after a step whose clean gradient is the mean.
     wide_params = one_call.widen(spec, params, params)
@@ -312,7 +315,9 @@ def _scan_route(spec: one_call.Spec, batches: MicroBatches, state, params, extra
       statistics=stats,
       memory=one_call.remember(spec, state.memory, prepared, g_sam),
     )
-    return g_sam, new_state
+    if spec.correction.outside is None:
+      return g_sam, new_state
+    return one_call.with_outside(g_sam, optax.tree.cast_like(outside, params)), new_state
 
   if spec.options.when is None:
     return one_call.finish(spec, *sam_gradient(state), params, extra)

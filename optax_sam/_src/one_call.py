@@ -159,20 +159,45 @@ def plain_gradient(spec: Spec, grads, mean_grads, state, params, axes: Axes):
     perturbation_state=perturbation_state,
     statistics=plain_statistics(spec, state.statistics, mean_grads, params),
   )
-  return optax.tree.cast_like(g, params), new_state
+  g = optax.tree.cast_like(g, params)
+  if spec.correction.outside is not None:  # a plain step adds nothing outside the base
+    return (g, optax.tree.zeros_like(g)), new_state
+  return g, new_state
+
+
+def outside_update(spec: Spec, memory, prepared, g_adv):
+  """The correction's update outside the base optimizer on a SAM step (``None`` if it has none)."""
+  if spec.correction.outside is None:
+    return None
+  return spec.correction.outside(memory, prepared, g_adv)
+
+
+def with_outside(g_sam, outside):
+  """What a SAM branch hands :func:`finish`: ``g_sam``, paired with the outside update if any."""
+  return g_sam if outside is None else (g_sam, outside)
 
 
 def finish(spec: Spec, g, state, params, extra):
-  """The base optimizer's step at the clean weights, on the gradient ``g``."""
+  """The base optimizer's step at the clean weights on ``g``, plus the correction's outside update.
+
+  ``g`` is the gradient, or ``(gradient, outside update)`` for a correction with
+  an ``outside`` function (:func:`with_outside`).
+  """
+  outside = None
+  if spec.correction.outside is not None:
+    g, outside = g
   updates, base_state = spec.base.update(g, state.base_state, params, **extra)
-  return optax.tree.cast_like(updates, params), state._replace(base_state=base_state)
+  updates = optax.tree.cast_like(updates, params)
+  if outside is not None:
+    updates = optax.tree.cast_like(optax.tree.add(updates, outside), params)
+  return updates, state._replace(base_state=base_state)
 
 
 def member_gradient(spec: Spec, g, mean_grads, state, params, grad_fn: GradFn, axes: Axes):
   """One member's SAM gradient before the average over members, from its clean gradient ``g``.
 
   ``g`` and ``mean_grads`` are already widened. Returns ``(g_sam, prepared,
-  statistics, perturbation state)``.
+  statistics, perturbation state, outside update or None)``.
   """
   statistics = spec.options.statistics
   wide_params = widen(spec, params, params)
@@ -190,7 +215,8 @@ def member_gradient(spec: Spec, g, mean_grads, state, params, grad_fn: GradFn, a
     stats = statistics_lib.after_perturbed_pass(stats, g, g_adv)
   prepared = spec.correction.prepare(g, wide_params)
   g_sam = spec.correction.apply(prepared, g_adv, perturbed)
-  return g_sam, prepared, stats, perturbation_state
+  outside = outside_update(spec, state.memory, prepared, g_adv)
+  return g_sam, prepared, stats, perturbation_state, outside
 
 
 def conditional_step(spec: Spec, is_sam, sam_gradient, plain, state, params, extra):
@@ -217,7 +243,7 @@ def step(spec: Spec, grads, state, params, grad_fn: GradFn, extra, axes: Axes):
   def sam_gradient(state):
     """The SAM gradient and the state after it, all but the base optimizer's update."""
     g = wide_grads if axes.local else mean_grads
-    g_sam, prepared, stats, perturbation_state = member_gradient(
+    g_sam, prepared, stats, perturbation_state, outside = member_gradient(
       spec, g, mean_grads, state, params, grad_fn, axes
     )
     g_sam = optax.tree.cast_like(axes.after(g_sam), params)
@@ -226,7 +252,7 @@ def step(spec: Spec, grads, state, params, grad_fn: GradFn, extra, axes: Axes):
       statistics=axes.after(stats) if spec.options.statistics else stats,
       memory=remember(spec, state.memory, axes.after(prepared), g_sam),
     )
-    return g_sam, new_state
+    return with_outside(g_sam, None if outside is None else axes.after(outside)), new_state
 
   if spec.options.when is None:
     return finish(spec, *sam_gradient(state), params, extra)

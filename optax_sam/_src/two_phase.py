@@ -73,6 +73,9 @@ def _descent_call(spec: Spec, g_adv, state, params, extra):
     stats = stats._replace(values=axes.after(values))
   g_sam = axes.after(spec.correction.apply(state.prepared, g_adv, params))
   base_updates, base_state = spec.base.update(g_sam, state.base_state, state.clean_params, **extra)
+  outside = one_call.outside_update(spec, state.memory, state.prepared, g_adv)
+  if outside is not None:
+    base_updates = optax.tree.add(base_updates, optax.tree.cast_like(axes.after(outside), params))
   target = optax.apply_updates(state.clean_params, base_updates)
   updates = optax.tree.sub(target, params)  # lands on target from w + e
   new_state = state._replace(

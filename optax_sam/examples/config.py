@@ -35,8 +35,12 @@ SINGLE_OPTIMIZERS = ('sgd', *aliases.VARIANTS)
 COMBINABLE = ('sam', 'usam', 'asam', 'fsam', 'stable')
 LR_SCHEDULES = ('cosine', 'constant')
 GROUP_ROUTES = ('vmap', 'scan')
+# Variants built by their alias with its defaults (the radius from --rho).
+NAMED = ('wsam', 'vasso', 'gcsam', 'unifiedsam', 'lookbehind')
 OPTIMIZER_CHOICES = (
-  'sgd, sam, usam, asam, fsam, stablesam, gsam, looksam, msam, or SAM variants joined by + '
+  'sgd, sam, usam, asam, fsam, stablesam, gsam, looksam, msam, wsam, vasso, gcsam, unifiedsam, '
+  'lookbehind, '
+  'or SAM variants joined by + '
   '(parts sam, usam, asam, fsam, stable; e.g. fsam+stable, asam+stable, usam+stable, fsam+asam)'
 )
 
@@ -62,6 +66,7 @@ class OptimizerSpec:
     gsam: GSAM's correction.
     look: LookSAM (SAM every ``k`` steps, its direction reused in between).
     momentum: Momentum-SAM (the ascent along SGD's momentum, no second gradient).
+    named: one of :data:`NAMED`, built by its alias with its defaults.
   """
 
   name: str
@@ -73,6 +78,7 @@ class OptimizerSpec:
   gsam: bool = False
   look: bool = False
   momentum: bool = False
+  named: Optional[str] = None
 
 
 def parse_optimizer(name: str) -> OptimizerSpec:
@@ -104,6 +110,8 @@ def parse_optimizer(name: str) -> OptimizerSpec:
     return OptimizerSpec('looksam', look=True)
   if text == 'msam':
     return OptimizerSpec('msam', momentum=True)
+  if text in NAMED:
+    return OptimizerSpec(text, named=text)
   if text == 'stablesam':
     text = 'usam+stable'  # the StableSAM paper's optimizer: USAM plus renormalization
   parts = text.split('+')
@@ -168,6 +176,8 @@ def default_rho(spec: OptimizerSpec) -> float:
   """
   if not spec.sam:
     return 0.0
+  if spec.named:
+    return library_default(aliases.VARIANTS[spec.named], 'rho')
   defaults = library_rho_defaults()
   if spec.look:
     return defaults['looksam']
@@ -294,6 +304,8 @@ class Config:
       )
     if spec.look and self.sam_after is not None:
       raise ConfigError('--sam-after does not apply to looksam: its period is --sam-every')
+    if when and spec.named == 'lookbehind':
+      raise ConfigError('--sam-every/--sam-after do not apply to lookbehind: each step is k steps')
     _check('eta', self.eta, low=0.0, optional=True)
     _check('label_noise', self.label_noise, low=0.0, high=1.0, high_open=True)
     _check('dropout', self.dropout, low=0.0, high=1.0, high_open=True)
@@ -365,6 +377,8 @@ def _check_micro_batches(config: Config, spec: OptimizerSpec) -> None:
       raise ConfigError(
         f'--{name.replace("_", "-")} must divide --batch-size {config.batch_size}, got {value}'
       )
+  if config.m_sharpness is not None and spec.named == 'lookbehind':
+    raise ConfigError('--m-sharpness does not apply to lookbehind (its inner steps take the batch)')
   if config.m_sharpness is not None and (not spec.sam or spec.momentum):
     raise ConfigError(
       f'--m-sharpness perturbs groups for the second gradient; {spec.name} takes none'

@@ -40,6 +40,7 @@ from flax import nnx
 import optax_sam
 import optax_sam.flax
 from optax_sam import sharpness
+from optax_sam._src import aliases
 from optax_sam.examples import checkpoints as checkpoints_lib
 from optax_sam.examples import config as config_lib
 from optax_sam.examples import data as data_lib
@@ -115,6 +116,11 @@ def create_optimizer(
     when = optax_sam.after(int(round(config.sam_after * config.epochs * steps_per_epoch)))
   if spec.gsam:
     return optax_sam.gsam(base, rho, alpha=config.alpha, when=when, statistics=True)
+  if spec.named == 'lookbehind':  # k inner steps per step: no statistics, no when=
+    return optax_sam.lookbehind_sam(base, rho)
+  if spec.named:  # WSAM's decoupled term takes the base's learning rate
+    extra = {'learning_rate': lr} if spec.named == 'wsam' else {}
+    return aliases.VARIANTS[spec.named](base, rho, when=when, statistics=True, **extra)
   adaptive = dict(
     adaptive=spec.adaptive,
     eta=config.resolved_eta if spec.adaptive else 0.0,
