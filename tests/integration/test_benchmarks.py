@@ -127,6 +127,7 @@ def test_markdown(output):
   assert '### Parameter-count sweep' in markdown
   for v in VARIANTS:
     assert f'| {v}/1call | 1 |' in markdown
+  for v in TWO_PHASE:
     assert f'| {v}/2phase | 2 |' in markdown
   tables, current = [], []
   for line in markdown.splitlines() + ['']:

@@ -232,13 +232,18 @@ def expected_optimizer(name):
     'fsam+asam': optax_sam.friendly_sam(
       base, 0.5, adaptive=True, eta=0.01, adaptive_mask=optax_sam.not_bias_mask
     ),
+    'wsam': optax_sam.wsam(base, 0.05, learning_rate=BASE['lr']),
+    'vasso': optax_sam.vasso(base, 0.05),
+    'gcsam': optax_sam.gcsam(base, 0.05),
+    'unifiedsam': optax_sam.unified_sam(base, 0.1),
+    'lookbehind': optax_sam.lookbehind_sam(base, 0.05),
   }[name]
 
 
 @pytest.mark.parametrize(
   'name',
   ['sgd', 'sam', 'usam', 'asam', 'fsam', 'stablesam', 'gsam', 'fsam+stable', 'asam+stable',
-   'fsam+asam'],
+   'fsam+asam', 'wsam', 'vasso', 'gcsam', 'unifiedsam', 'lookbehind'],
 )  # fmt: skip
 def test_create_optimizer_builds_the_named_alias(name):
   config = config_lib.Config(optimizer=name, lr_schedule='constant', **BASE)

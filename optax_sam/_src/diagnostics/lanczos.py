@@ -52,12 +52,17 @@ class LanczosResult(NamedTuple):
     basis: the vectors :math:`v_j`, leaves ``[m, *leaf.shape]`` (zero on
       invalid steps).
     valid: ``[m]`` bool, whether :math:`v_j` is a basis vector.
+    last_beta: :math:`\beta_{m-1} = \\|w\\|` after the last step, which couples
+      :math:`T` to the next (not built) vector: the residual of a Ritz pair
+      :math:`(\theta_i, V s_i)` is :math:`|\beta_{m-1} s_{m-1, i}|` (0 when the
+      Krylov space is exhausted).
   """
 
   alphas: jax.Array
   betas: jax.Array
   basis: Any
   valid: jax.Array
+  last_beta: jax.Array
 
 
 def default_rtol(dtype: Any) -> float:
@@ -128,7 +133,9 @@ def lanczos(
 
   basis, alphas, betas, valid, _ = jax.lax.fori_loop(0, m, step, init, unroll=unroll or None)
   basis = jax.tree.map(lambda b: b[:m], basis)
-  return LanczosResult(alphas=alphas, betas=betas[: m - 1], basis=basis, valid=valid[:m])
+  return LanczosResult(
+    alphas=alphas, betas=betas[: m - 1], basis=basis, valid=valid[:m], last_beta=betas[m - 1]
+  )
 
 
 def tridiagonal_eigh(
