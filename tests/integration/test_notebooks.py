@@ -1,9 +1,11 @@
 """The Colab notebooks: committed without outputs, badge and install cell pointing at the
 repository named in pyproject.toml, and executed end to end on small settings."""
 
+import builtins
 import os
 import pathlib
 import re
+import subprocess
 import sys
 
 import nbclient
@@ -58,12 +60,54 @@ def test_opens_with_title_badge_and_install_cell(path):
   )
   assert links == [expected]
   assert second.cell_type == 'code'
-  assert 'import optax_sam' in second.source and 'except ImportError' in second.source
-  assert f'%pip install -q "optax_sam[examples] @ git+{repo}"' in second.source
+  install = second.source
+  assert 'import optax_sam' in install and 'except ImportError' in install
+  # The released package first, then the repository's main branch (what each does: below).
+  released, repository = "'optax_sam[examples]'", f"'optax_sam[examples] @ git+{repo}'"
+  assert released in install and repository in install
+  assert install.index(released) < install.index(repository)
+  assert f'in a clone of {repo} run ' in install and "pip install -e '.[examples]'" in install
   # No other cell installs anything or names another repository.
   for cell in notebook.cells[2:]:
     assert 'pip install' not in cell.source or cell.cell_type == 'markdown'
     assert 'git+' not in cell.source
+
+
+@pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize('succeeds', [0, 1, None], ids=['released', 'repository', 'neither'])
+def test_install_cell_tries_release_then_repository_then_says_how(path, succeeds, monkeypatch):
+  """Where optax_sam is missing, the install cell runs pip for the released package, then for the
+  repository, stopping at the first that succeeds; if neither does, it prints one line saying how
+  to install from a clone. pip and the import are faked: nothing is installed."""
+  repo = repository_url()
+  source = nbformat.read(path, as_version=4).cells[1].source
+  commands, printed = [], []
+  real_import = builtins.__import__
+
+  def fake_import(name, *args, **kwargs):
+    if name == 'optax_sam' and succeeds not in range(len(commands)):
+      raise ImportError(f'No module named {name!r}')
+    return real_import(name, *args, **kwargs)
+
+  def fake_run(command, **kwargs):
+    commands.append(command)
+    return subprocess.CompletedProcess(command, 0 if len(commands) - 1 == succeeds else 1)
+
+  monkeypatch.setattr(subprocess, 'run', fake_run)
+  monkeypatch.setattr(builtins, '__import__', fake_import)
+  try:
+    exec(compile(source, path.name, 'exec'), {'print': lambda *a: printed.append(' '.join(a))})
+  finally:
+    monkeypatch.undo()
+  pip = [sys.executable, '-m', 'pip', 'install', '-q']
+  expected = [pip + ['optax_sam[examples]'], pip + [f'optax_sam[examples] @ git+{repo}']]
+  assert commands == expected[: 2 if succeeds is None else succeeds + 1]
+  if succeeds is None:
+    assert len(printed) == 1 and '\n' not in printed[0]
+    assert f"in a clone of {repo} run pip install -e '.[examples]'" in printed[0]
+    assert 'restart the kernel' in printed[0]
+  else:
+    assert printed == []
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.name)
