@@ -31,18 +31,21 @@ extensions = [
   'myst_nb',  # Markdown pages (MyST) and notebooks
 ]
 
-# The notebooks live in notebooks/ (Colab links point there); the site renders copies of them,
-# committed without outputs and never executed here (CI executes them in
-# tests/integration/test_notebooks.py).
+# The notebooks live in notebooks/ (Colab links point there), committed without outputs. The site
+# renders the copies that docs/execute_notebooks.py ran at full settings (docs/executed_notebooks/,
+# with their outputs); tests/integration/test_notebooks.py checks that each copy has its notebook's
+# cells, and executes the notebooks themselves on small settings. Nothing is executed here.
 NOTEBOOKS = DOCS / 'notebooks'
+EXECUTED = DOCS / 'executed_notebooks'
 shutil.rmtree(NOTEBOOKS, ignore_errors=True)
 NOTEBOOKS.mkdir()
 for path in sorted((ROOT / 'notebooks').glob('*.ipynb')):
-  shutil.copy(path, NOTEBOOKS / path.name)
+  executed = EXECUTED / path.name
+  shutil.copy(executed if executed.exists() else path, NOTEBOOKS / path.name)
 nb_execution_mode = 'off'
 
 source_suffix = {'.rst': 'restructuredtext', '.md': 'myst-nb', '.ipynb': 'myst-nb'}
-exclude_patterns = ['_build', 'README.md']
+exclude_patterns = ['_build', 'README.md', 'executed_notebooks']
 myst_enable_extensions = ['dollarmath', 'colon_fence']
 myst_heading_anchors = 3
 

@@ -136,3 +136,19 @@ def test_readme_links_every_notebook():
   readme = (ROOT / 'README.md').read_text()
   for path in NOTEBOOKS:
     assert f'](notebooks/{path.name})' in readme, f'README.md does not link {path.name}'
+
+
+@pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.name)
+def test_the_site_renders_an_executed_copy_with_the_same_cells(path):
+  """docs/executed_notebooks/ holds each notebook run at full settings (docs/execute_notebooks.py):
+  its cells must be the notebook's, so that a changed notebook is executed again before it lands."""
+  executed_path = ROOT / 'docs' / 'executed_notebooks' / path.name
+  assert executed_path.exists(), f'run: python docs/execute_notebooks.py {path.stem}'
+  notebook = nbformat.read(path, as_version=4)
+  executed = nbformat.read(executed_path, as_version=4)
+  source = lambda nb: [(c.cell_type, c.source) for c in nb.cells]
+  stale = f'stale: python docs/execute_notebooks.py {path.stem}'
+  assert source(executed) == source(notebook), stale
+  assert executed.metadata['optax_sam']['settings'] == 'full'
+  outputs = [o for c in executed.cells if c.cell_type == 'code' for o in c.outputs]
+  assert outputs and not [o for o in outputs if o.output_type == 'error']
