@@ -691,6 +691,8 @@ def render_plots(document: dict, out: pathlib.Path) -> list:
   written = []
   fig, ax = plt.subplots(figsize=(7, 4.5))
   labels = _labels(runs)
+  colors = plt.get_cmap('tab20').colors  # one colour per optimizer (the default cycle has 10)
+  markers = 'osD^v<>ph*'
   for i, label in enumerate(labels):
     noises = sorted({r['noise'] for r in runs if r['label'] == label})
     shift = 0.4 * (i - (len(labels) - 1) / 2)  # side by side, so the error bars do not overlap
@@ -702,7 +704,8 @@ def render_plots(document: dict, out: pathlib.Path) -> list:
       [100 * n + shift for n in noises],
       [100 * s['mean'] for s in stats],
       yerr=[100 * s['std'] for s in stats],
-      marker='o',
+      marker=markers[i % len(markers)],
+      color=colors[i % len(colors)],
       capsize=3,
       label=label,
       linestyle='-' if len(noises) > 1 else 'none',
