@@ -277,7 +277,9 @@ def loss_fn(params: dict, batch: tuple) -> jax.Array:
 def make_optimizer(spec: Spec, setting: Setting, steps: int) -> optax.GradientTransformation:
   """SGD with momentum, weight decay on the kernels and a cosine schedule over ``steps``, wrapped
   in the SAM variant ``spec`` names (``sgd``: the base optimizer itself)."""
-  lr = optax.cosine_decay_schedule(setting.lr, decay_steps=steps)
+  # Lookbehind-SAM's base optimizer takes k = 5 steps per training step: its schedule spans them.
+  inner = 5 if spec.name == 'lookbehind' else 1
+  lr = optax.cosine_decay_schedule(setting.lr, decay_steps=inner * steps)
   kernels = lambda params: jax.tree.map(lambda w: w.ndim > 1, params)
   base = optax.chain(
     optax.add_decayed_weights(setting.weight_decay, mask=kernels),
