@@ -91,8 +91,10 @@ def create_optimizer(
     >>> callable(tx.update)
     True
   """
+  # lookbehind's base optimizer takes 5 inner steps per training step: its schedule spans them.
+  inner = 5 if config.spec.named == 'lookbehind' else 1
   if config.lr_schedule == 'cosine':
-    lr = optax.cosine_decay_schedule(config.lr, decay_steps=config.epochs * steps_per_epoch)
+    lr = optax.cosine_decay_schedule(config.lr, decay_steps=inner * config.epochs * steps_per_epoch)
   else:
     lr = config.lr
   kernels = lambda params: jax.tree.map(lambda w: w.ndim > 1, params)
