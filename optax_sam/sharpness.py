@@ -15,6 +15,10 @@ from optax_sam._src.diagnostics.adaptive_sharpness import (
   average_sharpness,
   worst_case_sharpness,
 )
+from optax_sam._src.diagnostics.directional_sharpness import (
+  DirectionalSharpness,
+  directional_sharpness,
+)
 from optax_sam._src.diagnostics.hessian_spectrum import (
   HessianEigenvalues,
   SpectralDensity,
@@ -28,12 +32,14 @@ from optax_sam._src.diagnostics.trace_estimators import HessianTrace, hessian_tr
 
 __all__ = (
   'AverageSharpness',
+  'DirectionalSharpness',
   'HessianEigenvalues',
   'HessianTrace',
   'SAMSharpness',
   'SpectralDensity',
   'WorstCaseSharpness',
   'average_sharpness',
+  'directional_sharpness',
   'hessian_eigenvalues',
   'hessian_spectral_density',
   'hessian_trace',

@@ -597,3 +597,21 @@ def test_recurrence_residuals_equal_the_explicit_ones():
     theta = r.eigenvalues[i]
     residual = jax.tree.map(lambda a, b, t=theta: a - t * b, hvp(y), y)
     np.testing.assert_allclose(optax.tree.norm(residual), r.residuals[i], rtol=1e-6, atol=1e-13)
+
+
+def test_directional_sharpness_is_the_rayleigh_quotient_of_the_dense_hessian():
+  loss, params, batch, _ = _mlp_problem(1)
+  flat, unravel = ravel_pytree(params)
+  dense = np.asarray(jax.hessian(lambda f: loss(unravel(f), batch))(flat))
+  g = np.asarray(ravel_pytree(jax.grad(loss)(params, batch))[0])
+  d = np.asarray(jax.random.normal(jax.random.key(7), flat.shape))
+  r = sharpness.directional_sharpness(loss, params, batch, unravel(jnp.asarray(d)))
+  np.testing.assert_allclose(r.curvature, d @ dense @ d, rtol=1e-10)
+  np.testing.assert_allclose(r.sharpness, d @ dense @ d / (d @ d), rtol=1e-10)
+  np.testing.assert_allclose(r.slope, g @ d, rtol=1e-10)
+  two = sharpness.directional_sharpness(loss, params, batch, unravel(jnp.asarray(d)), num_chunks=2)
+  np.testing.assert_allclose(two.sharpness, r.sharpness, rtol=1e-10)
+  zero = sharpness.directional_sharpness(loss, params, batch, jax.tree.map(jnp.zeros_like, params))
+  assert float(zero.sharpness) == 0.0
+  with pytest.raises(ValueError, match='structure of params'):
+    sharpness.directional_sharpness(loss, params, batch, jnp.zeros(3))
