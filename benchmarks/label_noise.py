@@ -45,6 +45,7 @@ import optax
 import optax_sam
 from benchmarks import paired as paired_lib
 from optax_sam._src import aliases
+from optax_sam.examples import config as config_lib
 from optax_sam.examples import data as data_lib
 
 RESULTS = pathlib.Path(__file__).resolve().parent / 'results' / 'label_noise'
@@ -76,6 +77,7 @@ NAMES = (
 DEFAULT_RHO = {'asam': 1.0, 'msam': 0.3}
 REFERENCE_RHO = 0.1  # the SAM every other optimizer is compared with at 40% noise
 MAIN_NOISE = 0.4
+LOOKBEHIND_K = config_lib.library_default(optax_sam.lookbehind_sam, 'k')  # inner steps per step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,8 +279,8 @@ def loss_fn(params: dict, batch: tuple) -> jax.Array:
 def make_optimizer(spec: Spec, setting: Setting, steps: int) -> optax.GradientTransformation:
   """SGD with momentum, weight decay on the kernels and a cosine schedule over ``steps``, wrapped
   in the SAM variant ``spec`` names (``sgd``: the base optimizer itself)."""
-  # Lookbehind-SAM's base optimizer takes k = 5 steps per training step: its schedule spans them.
-  inner = 5 if spec.name == 'lookbehind' else 1
+  # Lookbehind-SAM's base optimizer takes k steps per training step: its schedule spans them.
+  inner = LOOKBEHIND_K if spec.name == 'lookbehind' else 1
   lr = optax.cosine_decay_schedule(setting.lr, decay_steps=inner * steps)
   kernels = lambda params: jax.tree.map(lambda w: w.ndim > 1, params)
   base = optax.chain(
@@ -312,8 +314,8 @@ def gradient_evaluations(spec: Spec, steps: int) -> int:
     return steps + len(range(0, steps, 5))
   if spec.name == 'sam-after':
     return steps + (steps - steps // 2)
-  if spec.name == 'lookbehind':  # the clean gradient and k = 5 at the accumulated ascents
-    return 6 * steps
+  if spec.name == 'lookbehind':  # the clean gradient and k at the accumulated ascents
+    return (1 + LOOKBEHIND_K) * steps
   return 2 * steps
 
 

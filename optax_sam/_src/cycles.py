@@ -55,11 +55,10 @@ def interpolate(alpha: Optional[float] = 0.5) -> Combine:
     numerics.check_range('alpha', alpha, 0.0, 1.0)
 
   def leaf_alpha(s, first, last):
-    if alpha is not None:
-      return jnp.asarray(alpha, jnp.promote_types(jnp.float32, s.dtype))
-    a, b = (first - s).ravel(), (last - s).ravel()
     dtype = jnp.promote_types(jnp.float32, s.dtype)
-    a, b = a.astype(dtype), b.astype(dtype)
+    if alpha is not None:
+      return jnp.asarray(alpha, dtype)
+    a, b = (first - s).ravel().astype(dtype), (last - s).ravel().astype(dtype)
     cosine = jnp.dot(a, b) / jnp.maximum(jnp.linalg.norm(a) * jnp.linalg.norm(b), 1e-8)
     return (cosine + 1) / 2
 

@@ -44,9 +44,8 @@ def restrict(updates: optax.Updates, params: Optional[optax.Params], perturb_mas
 
 def _radius_factor(lmbda: Any, norm: jax.Array, eps: Any) -> jax.Array:
   r"""Unified SAM's :math:`1 - \lambda + \lambda / (\|g\| + \epsilon)` (0 where the norm is 0)."""
+  # The static ends, lmbda 1 (SAM) and 0 (USAM), take their own exact paths in _ascent.
   inverse = numerics.safe_ratio(jnp.ones([], norm.dtype), norm + jnp.asarray(eps, norm.dtype))
-  if isinstance(lmbda, (int, float)) and lmbda == 1:
-    return inverse  # SAM: exactly 1 / (||g|| + eps)
   lmbda = jnp.asarray(lmbda, norm.dtype)
   return (1 - lmbda) + lmbda * inverse
 

@@ -91,8 +91,12 @@ def create_optimizer(
     >>> callable(tx.update)
     True
   """
-  # lookbehind's base optimizer takes 5 inner steps per training step: its schedule spans them.
-  inner = 5 if config.spec.named == 'lookbehind' else 1
+  # lookbehind's base optimizer takes k inner steps per training step: its schedule spans them.
+  inner = (
+    config_lib.library_default(optax_sam.lookbehind_sam, 'k')
+    if config.spec.named == 'lookbehind'
+    else 1
+  )
   if config.lr_schedule == 'cosine':
     lr = optax.cosine_decay_schedule(config.lr, decay_steps=inner * config.epochs * steps_per_epoch)
   else:

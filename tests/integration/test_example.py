@@ -240,6 +240,24 @@ def expected_optimizer(name):
   }[name]
 
 
+def assert_same_steps(ours, theirs, steps, grad_fn_too=True):
+  """``steps`` updates of both optimizers on a small problem give the same weights; returns them."""
+  params = {'kernel': jnp.array([[1.0, -2.0], [0.5, 3.0]]), 'bias': jnp.array([0.3, -0.1])}
+  loss = lambda p: jnp.sum(jnp.tanh(p['kernel'] @ jnp.array([1.0, 2.0]) + p['bias'].sum()) ** 2)
+  grad_fn = jax.grad(loss)
+  extra = {'grad_fn': grad_fn} if grad_fn_too else {}
+  results = []
+  for tx in (ours, theirs):
+    p, state = params, tx.init(params)
+    for _ in range(steps):
+      updates, state = tx.update(grad_fn(p), state, p, **extra)
+      p = optax.apply_updates(p, updates)
+    results.append(p)
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
+    np.testing.assert_array_equal(a, b)
+  return params, results[0]
+
+
 @pytest.mark.parametrize(
   'name',
   ['sgd', 'sam', 'usam', 'asam', 'fsam', 'stablesam', 'gsam', 'fsam+stable', 'asam+stable',
@@ -248,20 +266,8 @@ def expected_optimizer(name):
 def test_create_optimizer_builds_the_named_alias(name):
   config = config_lib.Config(optimizer=name, lr_schedule='constant', **BASE)
   ours, theirs = train.create_optimizer(config, steps_per_epoch=10), expected_optimizer(name)
-  params = {'kernel': jnp.array([[1.0, -2.0], [0.5, 3.0]]), 'bias': jnp.array([0.3, -0.1])}
-  loss = lambda p: jnp.sum(jnp.tanh(p['kernel'] @ jnp.array([1.0, 2.0]) + p['bias'].sum()) ** 2)
-  grad_fn = jax.grad(loss)
-  results = []
-  for tx in (ours, theirs):
-    p, state = params, tx.init(params)
-    for _ in range(3):
-      extra = {} if name == 'sgd' else {'grad_fn': grad_fn}
-      updates, state = tx.update(grad_fn(p), state, p, **extra)
-      p = optax.apply_updates(p, updates)
-    results.append(p)
-  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
-    np.testing.assert_array_equal(a, b)
-  assert not np.allclose(results[0]['kernel'], params['kernel'])
+  params, trained = assert_same_steps(ours, theirs, 3, grad_fn_too=name != 'sgd')
+  assert not np.allclose(trained['kernel'], params['kernel'])
 
 
 # ----------------------------------------------------------------------------- training loop

@@ -3,7 +3,6 @@
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -17,6 +16,7 @@ from tests.integration.test_example import (  # noqa: F401
   BASE,
   TINY,
   TINY_FLAGS,
+  assert_same_steps,
   digits,
   key_data_leaves,
   restored_state,
@@ -54,18 +54,7 @@ def test_create_optimizer_builds_the_cheap_variants(case):
   options, expected = CASES[case]
   config = config_lib.Config(lr_schedule='constant', **BASE, **options).validate()
   ours, theirs = train.create_optimizer(config, steps_per_epoch=10), expected()
-  params = {'kernel': jnp.array([[1.0, -2.0], [0.5, 3.0]]), 'bias': jnp.array([0.3, -0.1])}
-  loss = lambda p: jnp.sum(jnp.tanh(p['kernel'] @ jnp.array([1.0, 2.0]) + p['bias'].sum()) ** 2)
-  grad_fn = jax.grad(loss)
-  results = []
-  for tx in (ours, theirs):
-    p, state = params, tx.init(params)
-    for _ in range(12):
-      updates, state = tx.update(grad_fn(p), state, p, grad_fn=grad_fn)
-      p = optax.apply_updates(p, updates)
-    results.append(p)
-  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
-    np.testing.assert_array_equal(a, b)
+  assert_same_steps(ours, theirs, 12)
 
 
 def test_msam_evaluates_and_checkpoints_the_clean_weights(tmp_path, digits):  # noqa: F811

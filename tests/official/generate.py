@@ -849,59 +849,67 @@ def main() -> int:
   methods = args.only or list(SOURCES)
   failed = []
 
-  if 'wsam' in methods:
-    doc = header(prob, 'wsam', _vendored('wsam'), 'WeightedSAM', WSAM_LOOP)
-    for name, hp in WSAM_CASES:
-      doc['cases'].append({'name': name, 'hyperparameters': hp, 'steps': run_wsam(prob, hp)})
-    write(out, 'wsam', doc)
-
-  if 'vasso' in methods:
-    doc = header(prob, 'vasso', _vendored('vasso'), 'VASSO', VASSO_LOOP)
-    for name, hp in VASSO_CASES:
-      doc['cases'].append({'name': name, 'hyperparameters': hp, 'steps': run_vasso(prob, hp)})
-    write(out, 'vasso', doc)
-
-  if 'gcsam' in methods:
+  # method: (load() -> (official file's record, what its runner needs), class, loop, cases, run)
+  vendored = lambda method: lambda: (_vendored(method), None)
+  table = {
+    'wsam': (
+      vendored('wsam'),
+      'WeightedSAM',
+      WSAM_LOOP,
+      WSAM_CASES,
+      lambda _, hp: run_wsam(prob, hp),
+    ),
+    'vasso': (
+      vendored('vasso'),
+      'VASSO',
+      VASSO_LOOP,
+      VASSO_CASES,
+      lambda _, hp: run_vasso(prob, hp),
+    ),
+    'gcsam': (
+      lambda: load_gcsam(args.gcsam_src)[::-1],
+      'GCSAM',
+      GCSAM_LOOP,
+      GCSAM_CASES,
+      lambda cls, hp: run_gcsam(prob, hp, cls),
+    ),
+    'unified_sam': (
+      vendored('unified_sam'),
+      'unifiedSAM',
+      UNIFIED_LOOP,
+      UNIFIED_CASES,
+      lambda _, hp: run_unified(prob, hp),
+    ),
+    'sam_on': (
+      lambda: load_samon(args.samon_src)[::-1],
+      'SAM_ON / ASAM_ON',
+      SAMON_LOOP,
+      SAMON_CASES,
+      lambda module, cls_name, hp: run_samon(prob, cls_name, hp, module),
+    ),
+    'lookbehind_sam': (
+      vendored('lookbehind_sam'),
+      'LookbehindSAM / LookbehindASAM',
+      LOOKBEHIND_LOOP,
+      LOOKBEHIND_CASES,
+      lambda _, cls_name, hp: run_lookbehind(prob, cls_name, hp),
+    ),
+  }
+  for method in SOURCES:
+    if method not in methods:
+      continue
+    load, cls, loop, cases, run = table[method]
     try:
-      cls, meta = load_gcsam(args.gcsam_src)
+      meta, needed = load()
     except (FileNotFoundError, subprocess.CalledProcessError) as err:
-      print(f'SKIPPED gcsam: {err}')
-      failed.append('gcsam')
-    else:
-      doc = header(prob, 'gcsam', meta, 'GCSAM', GCSAM_LOOP)
-      for name, hp in GCSAM_CASES:
-        steps = run_gcsam(prob, hp, cls)
-        doc['cases'].append({'name': name, 'hyperparameters': hp, 'steps': steps})
-      write(out, 'gcsam', doc)
-
-  if 'unified_sam' in methods:
-    doc = header(prob, 'unified_sam', _vendored('unified_sam'), 'unifiedSAM', UNIFIED_LOOP)
-    for name, hp in UNIFIED_CASES:
-      doc['cases'].append({'name': name, 'hyperparameters': hp, 'steps': run_unified(prob, hp)})
-    write(out, 'unified_sam', doc)
-
-  if 'sam_on' in methods:
-    try:
-      module, meta = load_samon(args.samon_src)
-    except (FileNotFoundError, subprocess.CalledProcessError) as err:
-      print(f'SKIPPED sam_on: {err}')
-      failed.append('sam_on')
-    else:
-      doc = header(prob, 'sam_on', meta, 'SAM_ON / ASAM_ON', SAMON_LOOP)
-      for name, cls_name, hp in SAMON_CASES:
-        steps = run_samon(prob, cls_name, hp, module)
-        doc['cases'].append(
-          {'name': name, 'class': cls_name, 'hyperparameters': hp, 'steps': steps}
-        )
-      write(out, 'sam_on', doc)
-
-  if 'lookbehind_sam' in methods:
-    meta = _vendored('lookbehind_sam')
-    doc = header(prob, 'lookbehind_sam', meta, 'LookbehindSAM / LookbehindASAM', LOOKBEHIND_LOOP)
-    for name, cls_name, hp in LOOKBEHIND_CASES:
-      steps = run_lookbehind(prob, cls_name, hp)
-      doc['cases'].append({'name': name, 'class': cls_name, 'hyperparameters': hp, 'steps': steps})
-    write(out, 'lookbehind_sam', doc)
+      print(f'SKIPPED {method}: {err}')
+      failed.append(method)
+      continue
+    doc = header(prob, method, meta, cls, loop)
+    for name, *rest in cases:  # (name, hp) or (name, class name, hp)
+      case = {'name': name, 'class': rest[0]} if len(rest) == 2 else {'name': name}
+      doc['cases'].append(case | {'hyperparameters': rest[-1], 'steps': run(needed, *rest)})
+    write(out, method, doc)
 
   if failed:
     print(f'not regenerated (official source not found): {", ".join(failed)}')

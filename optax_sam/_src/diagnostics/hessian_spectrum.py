@@ -164,8 +164,7 @@ def hessian_eigenvalues(
   values, vectors, ok = lanczos_lib.tridiagonal_eigh(run.alphas, run.betas, run.valid)
   score = values if which == 'largest' else jnp.abs(values)
   order = jnp.argsort(jnp.where(ok, -score, jnp.inf))
-  values, vectors, ok = values[order], vectors[:, order], ok[order]
-  score = values if which == 'largest' else jnp.abs(values)
+  values, vectors, ok, score = values[order], vectors[:, order], ok[order], score[order]
   top = vectors[:, :k]
   eigvecs = jax.tree.map(
     lambda b: jnp.tensordot(top.T.astype(jnp.promote_types(top.dtype, b.dtype)), b, axes=1).astype(
