@@ -9,7 +9,9 @@ from optax_sam._src.aliases import (
   gsam,
   look_sam,
   lookbehind_sam,
+  preconditioned_sam,
   sam,
+  sampa,
   stable_sam,
   unified_sam,
   vasso,
@@ -26,9 +28,12 @@ from optax_sam._src.corrections import (
   stable_correction,
 )
 from optax_sam._src.cycles import CycleState
+from optax_sam._src.functional import functional_value_and_grad
 from optax_sam._src.micro_batches import MicroBatches, accumulated_grad_fn, micro_batches
 from optax_sam._src.momentum_sam import momentum_sam
 from optax_sam._src.nonfinite import SkipNonfiniteState, skip_nonfinite, skipped_steps
+from optax_sam._src.pairs import BatchPair, batch_pair
+from optax_sam._src.parallel import ParallelSAMState
 from optax_sam._src.perturbations import (
   AscentState,
   FriendlyState,
@@ -49,6 +54,7 @@ from optax_sam._src.policies import (
   every,
   randomly,
 )
+from optax_sam._src.preconditioning import preconditioned_direction
 from optax_sam._src.sharpness_aware import sharpness_aware
 from optax_sam._src.state import (
   MomentumSAMState,
@@ -64,6 +70,7 @@ __version__ = '0.1.0'
 __all__ = (
   'AESAMState',
   'AscentState',
+  'BatchPair',
   'Correction',
   'CycleState',
   'CountState',
@@ -71,6 +78,7 @@ __all__ = (
   'FriendlyState',
   'MicroBatches',
   'MomentumSAMState',
+  'ParallelSAMState',
   'Policy',
   'RandomState',
   'SAMState',
@@ -83,12 +91,14 @@ __all__ = (
   'after',
   'asam',
   'ascent',
+  'batch_pair',
   'centralized_ascent',
   'clean_params',
   'decoupled_correction',
   'every',
   'friendly_direction',
   'friendly_sam',
+  'functional_value_and_grad',
   'gcsam',
   'gsam',
   'gsam_correction',
@@ -101,8 +111,11 @@ __all__ = (
   'momentum_sam',
   'no_correction',
   'not_bias_mask',
+  'preconditioned_direction',
+  'preconditioned_sam',
   'randomly',
   'sam',
+  'sampa',
   'sharpness',
   'sharpness_aware',
   'skip_nonfinite',

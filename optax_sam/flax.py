@@ -6,7 +6,9 @@ Importing this module imports Flax; ``import optax_sam`` alone does not.
   ``grad_fn`` of a one-call SAM step, so a step is
   ``optimizer.update(model, grads, grad_fn=grad_fn)`` with
   ``nnx.Optimizer(model, tx, wrt=nnx.Param)``; :func:`nnx_clean_params` gives
-  the unperturbed weights of a two-phase optimizer.
+  the unperturbed weights of a two-phase optimizer;
+  :func:`nnx_functional_value_and_grad` gives Functional-SAM's clean pass and
+  ``grad_fn`` (the output gradient kept at the clean weights).
 * Sharpness: :func:`nnx_loss_fn` builds the ``loss_fn(params, batch)`` that
   :mod:`optax_sam.sharpness` measures, in train or eval mode.
 * Linen: :func:`apply_gradients` is ``TrainState.apply_gradients`` with
@@ -16,6 +18,7 @@ Importing this module imports Flax; ``import optax_sam`` alone does not.
 from optax_sam._src.flax_helpers import (
   apply_gradients,
   nnx_clean_params,
+  nnx_functional_value_and_grad,
   nnx_grad_fn,
   nnx_loss_fn,
   nnx_value_and_grad,
@@ -24,6 +27,7 @@ from optax_sam._src.flax_helpers import (
 __all__ = (
   'apply_gradients',
   'nnx_clean_params',
+  'nnx_functional_value_and_grad',
   'nnx_grad_fn',
   'nnx_loss_fn',
   'nnx_value_and_grad',

@@ -72,18 +72,23 @@ class Variant(NamedTuple):
     reference: the options of :class:`tests.reference.ReferenceSAM`, the
       formulas written out in NumPy, or ``None`` for a variant with its own
       reference (LookSAM, Momentum-SAM: tests/reference_cheap.py).
+    base: the base optimizer the variant needs, replacing the test's (preconditioned SAM
+      reads Adam's second moment), or ``None``.
   """
 
   alias: Callable[..., optax.GradientTransformationExtraArgs]
   hyperparameters: dict
   reference: Optional[dict]
+  base: Optional[Callable[[], optax.GradientTransformation]] = None
 
   def make(self, base: optax.GradientTransformation, **options):
+    """The variant around ``base`` (or around its own ``base``, when it needs one)."""
+    base = base if self.base is None else self.base()
     return self.alias(base, **{**self.hyperparameters, **options})
 
 
-def _variant(alias, reference=None, **hyperparameters):
-  return Variant(alias, hyperparameters, reference)
+def _variant(alias, reference=None, base=None, **hyperparameters):
+  return Variant(alias, hyperparameters, reference, base)
 
 
 # The one table of variants, keyed by the example's optimizer names (optax_sam._src.aliases.VARIANTS
@@ -149,10 +154,18 @@ VARIANTS = {
   'unifiedsam': _variant(optax_sam.unified_sam, None, rho=0.1, lmbda=0.5),
   'lookbehind': _variant(optax_sam.lookbehind_sam, None, rho=0.1, k=2, alpha=0.5),
   'sam-on': _variant(optax_sam.sam, None, rho=0.1, perturb_mask={'kernel': False, 'bias': True}),
+  # Its own step shape: both gradients in one update, the gradient argument unused
+  # (tests/test_parallel.py, against the authors' code).
+  'sampa': _variant(optax_sam.sampa, None, rho=0.1, lmbda=0.2),
+  # Reads the base optimizer's second moment: around Adam whatever the test's base
+  # (tests/test_functional.py checks it against the formula).
+  'psam': _variant(
+    optax_sam.preconditioned_sam, None, base=lambda: optax.adamw(0.01, weight_decay=0.1), rho=0.1
+  ),
 }
-# The variants of the SAM wrapper (momentum_sam is its own transformation: no grad_fn, no
-# two-phase mode, no when=).
-WRAPPED = tuple(name for name in VARIANTS if name != 'msam')
+# The variants of the SAM wrapper, each with both calling modes and when= (Momentum-SAM takes no
+# grad_fn; Lookbehind-SAM's cycle and SAMPa's parallel pair are their own step shapes).
+WRAPPED = tuple(name for name in VARIANTS if name not in ('msam', 'lookbehind', 'sampa'))
 # One of each part: the perturbations and corrections (and their combinations) the aliases name.
 CORE = ('sam', 'usam', 'asam', 'fsam', 'stablesam', 'gsam', 'fsam+stable', 'asam+stable')
 # The variants grown from parts after the core (issue 26), each checked against its authors' code.

@@ -2,6 +2,7 @@
 
 import ast
 import dataclasses
+import inspect
 import pathlib
 
 import jax
@@ -147,13 +148,24 @@ def test_the_options_are_validated_once_for_every_alias():
     optax_sam.sam(0.1)
 
 
-def test_from_arguments_picks_the_options_by_name():
-  arguments = {'rho': 0.1, 'axis_name': 'i', 'statistics': True, 'when': None, 'ascent': object()}
-  options = options_lib.SAMOptions.from_arguments(arguments, when=optax_sam.every(2))
-  assert options.axis_name == 'i' and options.statistics and options.when is not None
-  assert not options.two_phase
+def test_options_are_frozen_and_every_factory_spells_them_out():
+  options = options_lib.SAMOptions(axis_name='i', statistics=True, when=optax_sam.every(2))
+  assert options.axis_name == 'i' and options.statistics and not options.two_phase
   with pytest.raises(dataclasses.FrozenInstanceError):
     options.two_phase = True
+  names = [f.name for f in dataclasses.fields(options_lib.SAMOptions)]
+  for factory in (optax_sam.sharpness_aware, *aliases.VARIANTS.values()):
+    factory = getattr(factory, 'func', factory)
+    if factory is optax_sam.momentum_sam:
+      continue  # no wrapper: it perturbs against the momentum, with the caller's one gradient
+    parameters = inspect.signature(factory).parameters
+    assert list(parameters)[-len(names) :] == names, factory.__name__
+    assert all(parameters[n].kind is inspect.Parameter.KEYWORD_ONLY for n in names)
+    assert inspect.Parameter.VAR_KEYWORD not in {p.kind for p in parameters.values()}
+  with pytest.raises(TypeError, match="unexpected keyword argument 'two_phases'"):
+    optax_sam.wsam(optax.sgd(0.1), two_phases=True)
+  with pytest.raises(TypeError, match="multiple values for argument 'rho'"):
+    optax_sam.vasso(optax.sgd(0.1), 0.1, rho=0.2)
 
 
 # ------------------------------------------------------------------------------- the variants

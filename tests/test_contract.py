@@ -36,6 +36,31 @@ def sam_steps(tx, params, grad_fn, steps=3, two_phase=False, state=None, **extra
   return params, state
 
 
+@pytest.mark.parametrize('name', helpers.WRAPPED)
+def test_two_phase_equals_one_call(name):
+  """The calling modes' one equivalence test: every variant, AdamW with weight decay, 4 steps.
+
+  In two-phase mode a step is the calls until the state holds no perturbation (two for a SAM
+  step, one for LookSAM's steps in between); the clean weights after each step must agree.
+  """
+  params, _, grad_fn = helpers.problem()
+  make = lambda **o: helpers.VARIANTS[name].make(optax.adamw(0.01, weight_decay=0.1), **o)
+  one, two = make(), make(two_phase=True)
+  one_step = jax.jit(lambda w, s: one.update(grad_fn(w), s, w, grad_fn=grad_fn))
+  two_call = jax.jit(lambda w, s: two.update(grad_fn(w), s, w))
+  w1, s1, w2, s2 = params, one.init(params), params, two.init(params)
+  for step in range(4):
+    u, s1 = one_step(w1, s1)
+    w1 = optax.apply_updates(w1, u)
+    u, s2 = two_call(w2, s2)
+    w2 = optax.apply_updates(w2, u)
+    if bool(optax_sam.is_perturbed(s2)):
+      u, s2 = two_call(w2, s2)
+      w2 = optax.apply_updates(w2, u)
+    assert not bool(optax_sam.is_perturbed(s2))
+    assert helpers.max_diff(w1, w2) < 1e-6, f'step {step}'
+
+
 def base_steps(tx, params, grad_fn, steps=3):
   """``steps`` jitted steps of a plain optimizer."""
   state = tx.init(params)

@@ -189,7 +189,7 @@ def test_lookbehind_sam_with_k_1_and_alpha_1_is_sam():
 
 def test_lookbehind_sam_refuses_what_its_shape_cannot_do():
   for options in (dict(two_phase=True), dict(statistics=True), dict(when=optax_sam.every(2))):
-    with pytest.raises(ValueError, match='no two-phase mode'):
+    with pytest.raises(ValueError, match=f'lookbehind_sam does not take {next(iter(options))}'):
       optax_sam.lookbehind_sam(optax.sgd(0.1), **options)
   params, loss, _ = helpers.problem()
   tx = optax_sam.lookbehind_sam(optax.sgd(0.1))
@@ -319,15 +319,6 @@ FAMILY = {name: helpers.VARIANTS[name] for name in helpers.FAMILY}
 
 
 @pytest.mark.parametrize('name', sorted(FAMILY))
-def test_two_phase_equals_one_call(name):
-  params, _, grad_fn = helpers.problem()
-  make = lambda **o: FAMILY[name].make(optax.sgd(0.1, momentum=0.9), **o)
-  one = trajectory(make(), params, grad_fn, 3, False)[-1]
-  two = trajectory(make(two_phase=True), params, grad_fn, 3, True)[-1]
-  assert helpers.max_diff(one, two) < 1e-6
-
-
-@pytest.mark.parametrize('name', sorted(FAMILY))
 def test_when_every_2_alternates_sam_and_plain_steps(name):
   """Steps 0 and 2 are SAM steps, step 1 is the base optimizer's on g (nothing added outside)."""
   params, _, grad_fn = helpers.problem()
@@ -412,7 +403,7 @@ def test_inject_hyperparams_changes_the_step_as_the_fixed_value_does(factory, na
 def test_the_blocks_of_docs_family_md_run():
   text = (pathlib.Path(__file__).parent.parent / 'docs' / 'family.md').read_text()
   blocks = re.findall(r'```python\n(.*?)```', text, flags=re.DOTALL)
-  assert len(blocks) == 2
+  assert len(blocks) == 4
   namespace = {'__name__': 'docs_family_md'}
   for block in blocks:
     exec(compile(block, 'docs/family.md', 'exec'), namespace)  # the blocks assert their results

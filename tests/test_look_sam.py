@@ -56,22 +56,6 @@ def test_k_one_is_sam_and_alpha_zero_is_every_k():
   assert helpers.max_diff(look, sam) > 1e-4
 
 
-def test_two_phase_equals_one_call():
-  params, _, grad_fn = helpers.problem()
-  base = optax.sgd(0.1, momentum=0.9)
-  one_call = _run(optax_sam.look_sam(base, k=3), params, grad_fn, 7)[0]
-  tx = optax_sam.look_sam(base, k=3, two_phase=True)
-  state, w, trajectory = tx.init(params), params, []
-  step = jax.jit(lambda w, s: tx.update(grad_fn(w), s, w))
-  while len(trajectory) < 7:
-    u, state = step(w, state)
-    w = optax.apply_updates(w, u)
-    if not bool(optax_sam.is_perturbed(state)):
-      trajectory.append(w)
-  for got, want in zip(trajectory, one_call, strict=True):
-    assert helpers.max_diff(got, want) < 1e-5
-
-
 def test_state_holds_one_parameter_sized_buffer():
   params, _, _ = helpers.problem()
   base = optax.sgd(0.1, momentum=0.9)

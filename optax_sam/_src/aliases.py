@@ -3,23 +3,32 @@
 An alias chooses its parts and hands the wrapper options (``axis_name``,
 ``local_perturbation``, ``two_phase``, ``statistics``,
 ``perturb_in_param_dtype``, ``when``; see :func:`sharpness_aware`) on in one
-line, ``SAMOptions.from_arguments(locals())``. Its hyperparameters stay
-explicit keyword parameters, so that ``optax.inject_hyperparams`` can bind them.
+line, ``SAMOptions(**options)``. Its hyperparameters are explicit keyword
+parameters, and ``@takes_options`` spells the six options out in its signature,
+so that ``optax.inject_hyperparams`` (and ``help``) see every parameter.
 """
 
 import functools
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, Optional, Unpack
 
 import optax
 
 from optax_sam._src import adaptive as adaptive_lib
-from optax_sam._src import corrections, cycles, numerics, perturbations, policies
+from optax_sam._src import (
+  corrections,
+  cycles,
+  numerics,
+  parallel,
+  perturbations,
+  policies,
+  preconditioning,
+)
 from optax_sam._src import momentum_sam as momentum_sam_lib
 from optax_sam._src import options as options_lib
 from optax_sam._src import sharpness_aware as wrapper
 
-# The wrapper options every alias takes as keywords and hands on with SAMOptions.from_arguments.
+# The wrapper options every alias takes as keywords (``**options``) and hands on.
 SAMOptions = options_lib.SAMOptions
 
 
@@ -45,6 +54,7 @@ def _ascent_and_correction(
   return ascent, correction
 
 
+@options_lib.takes_options
 def sam(
   base_optimizer: optax.GradientTransformation,
   rho: perturbations.ScalarOrSchedule = 0.05,
@@ -56,12 +66,7 @@ def sam(
   perturb_mask: adaptive_lib.MaskOrFn = None,
   stable: bool = False,
   eps: float = 1e-12,
-  axis_name: Optional[str] = None,
-  local_perturbation: bool = False,
-  two_phase: bool = False,
-  statistics: bool = False,
-  perturb_in_param_dtype: bool = False,
-  when: Optional[policies.Policy] = None,
+  **options: Unpack[options_lib.OptionArguments],
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization around any optax optimizer.
 
@@ -111,10 +116,10 @@ def sam(
   ascent, correction = _ascent_and_correction(
     rho, normalize, adaptive, eta, adaptive_mask, stable, eps, perturb_mask
   )
-  options = SAMOptions.from_arguments(locals())
-  return wrapper.compose(base_optimizer, ascent, correction, options)
+  return wrapper.compose(base_optimizer, ascent, correction, SAMOptions(**options))
 
 
+@options_lib.takes_options
 def asam(
   base_optimizer: optax.GradientTransformation,
   rho: perturbations.ScalarOrSchedule = 0.5,
@@ -125,12 +130,7 @@ def asam(
   normalize: bool = True,
   stable: bool = False,
   eps: float = 1e-12,
-  axis_name: Optional[str] = None,
-  local_perturbation: bool = False,
-  two_phase: bool = False,
-  statistics: bool = False,
-  perturb_in_param_dtype: bool = False,
-  when: Optional[policies.Policy] = None,
+  **options: Unpack[options_lib.OptionArguments],
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adaptive SAM: SAM in the parameter-scaled space :math:`T = |w| + \eta`.
 
@@ -170,10 +170,10 @@ def asam(
   ascent, correction = _ascent_and_correction(
     rho, normalize, True, eta, mask, stable, eps, perturb_mask
   )
-  options = SAMOptions.from_arguments(locals())
-  return wrapper.compose(base_optimizer, ascent, correction, options)
+  return wrapper.compose(base_optimizer, ascent, correction, SAMOptions(**options))
 
 
+@options_lib.takes_options
 def friendly_sam(
   base_optimizer: optax.GradientTransformation,
   rho: perturbations.ScalarOrSchedule = 0.05,
@@ -188,12 +188,7 @@ def friendly_sam(
   stable: bool = False,
   eps: float = 1e-12,
   ema_dtype: Optional[Any] = None,
-  axis_name: Optional[str] = None,
-  local_perturbation: bool = False,
-  two_phase: bool = False,
-  statistics: bool = False,
-  perturb_in_param_dtype: bool = False,
-  when: Optional[policies.Policy] = None,
+  **options: Unpack[options_lib.OptionArguments],
 ) -> optax.GradientTransformationExtraArgs:
   r"""Friendly-SAM: SAM whose ascent ignores the full-gradient component.
 
@@ -243,10 +238,10 @@ def friendly_sam(
   )
   direction = perturbations.friendly_direction(sigma, lmbda, ema_dtype=ema_dtype)
   perturbation = optax.chain(direction, ascent)
-  options = SAMOptions.from_arguments(locals())
-  return wrapper.compose(base_optimizer, perturbation, correction, options)
+  return wrapper.compose(base_optimizer, perturbation, correction, SAMOptions(**options))
 
 
+@options_lib.takes_options
 def stable_sam(
   base_optimizer: optax.GradientTransformation,
   rho: perturbations.ScalarOrSchedule = 0.05,
@@ -257,12 +252,7 @@ def stable_sam(
   adaptive_mask: adaptive_lib.MaskOrFn = None,
   perturb_mask: adaptive_lib.MaskOrFn = None,
   eps: float = 1e-12,
-  axis_name: Optional[str] = None,
-  local_perturbation: bool = False,
-  two_phase: bool = False,
-  statistics: bool = False,
-  perturb_in_param_dtype: bool = False,
-  when: Optional[policies.Policy] = None,
+  **options: Unpack[options_lib.OptionArguments],
 ) -> optax.GradientTransformationExtraArgs:
   r"""StableSAM: unnormalized SAM whose perturbed gradient keeps the clean norm.
 
@@ -305,10 +295,10 @@ def stable_sam(
   ascent, correction = _ascent_and_correction(
     rho, normalize, adaptive, eta, adaptive_mask, True, eps, perturb_mask
   )
-  options = SAMOptions.from_arguments(locals())
-  return wrapper.compose(base_optimizer, ascent, correction, options)
+  return wrapper.compose(base_optimizer, ascent, correction, SAMOptions(**options))
 
 
+@options_lib.takes_options
 def gsam(
   base_optimizer: optax.GradientTransformation,
   rho: perturbations.ScalarOrSchedule = 0.05,
@@ -316,12 +306,7 @@ def gsam(
   *,
   perturb_mask: adaptive_lib.MaskOrFn = None,
   eps: float = 1e-12,
-  axis_name: Optional[str] = None,
-  local_perturbation: bool = False,
-  two_phase: bool = False,
-  statistics: bool = False,
-  perturb_in_param_dtype: bool = False,
-  when: Optional[policies.Policy] = None,
+  **options: Unpack[options_lib.OptionArguments],
 ) -> optax.GradientTransformationExtraArgs:
   r"""Surrogate Gap Guided SAM: SAM plus a step against the surrogate gap.
 
@@ -357,10 +342,10 @@ def gsam(
   """
   ascent = perturbations.ascent(rho, perturb_mask=perturb_mask, eps=eps)
   correction = corrections.gsam_correction(alpha, eps=eps)
-  options = SAMOptions.from_arguments(locals())
-  return wrapper.compose(base_optimizer, ascent, correction, options)
+  return wrapper.compose(base_optimizer, ascent, correction, SAMOptions(**options))
 
 
+@options_lib.takes_options
 def look_sam(
   base_optimizer: optax.GradientTransformation,
   rho: perturbations.ScalarOrSchedule = 0.1,
@@ -369,12 +354,7 @@ def look_sam(
   *,
   perturb_mask: adaptive_lib.MaskOrFn = None,
   eps: float = 1e-12,
-  axis_name: Optional[str] = None,
-  local_perturbation: bool = False,
-  two_phase: bool = False,
-  statistics: bool = False,
-  perturb_in_param_dtype: bool = False,
-  when: Optional[policies.Policy] = None,
+  **options: Unpack[options_lib.OptionArguments],
 ) -> optax.GradientTransformationExtraArgs:
   r"""LookSAM: a SAM step every ``k`` steps, its extra direction reused in between.
 
@@ -421,13 +401,15 @@ def look_sam(
     Liu et al., 2022, "Towards Efficient and Scalable Sharpness-Aware
     Minimization": https://arxiv.org/abs/2203.02714
   """
-  policy = policies.every(k) if when is None else when
   ascent = perturbations.ascent(rho, perturb_mask=perturb_mask, eps=eps)
   correction = corrections.look_sam_correction(alpha, eps=eps)
-  options = SAMOptions.from_arguments(locals(), when=policy)
+  if options.get('when') is None:
+    options['when'] = policies.every(k)
+  options = SAMOptions(**options)
   return wrapper.compose(base_optimizer, ascent, correction, options)
 
 
+@options_lib.takes_options
 def wsam(
   base_optimizer: optax.GradientTransformation,
   rho: perturbations.ScalarOrSchedule = 0.05,
@@ -439,12 +421,7 @@ def wsam(
   adaptive: bool = False,
   perturb_mask: adaptive_lib.MaskOrFn = None,
   eps: float = 1e-12,
-  axis_name: Optional[str] = None,
-  local_perturbation: bool = False,
-  two_phase: bool = False,
-  statistics: bool = False,
-  perturb_in_param_dtype: bool = False,
-  when: Optional[policies.Policy] = None,
+  **options: Unpack[options_lib.OptionArguments],
 ) -> optax.GradientTransformationExtraArgs:
   r"""Weighted SAM: the sharpness term weighted by :math:`\alpha = \gamma / (1 - \gamma)`.
 
@@ -510,10 +487,10 @@ def wsam(
     correction = corrections.decoupled_correction(alpha, learning_rate, max_norm=max_norm)
   else:
     correction = corrections.mixed_correction(alpha, max_norm=max_norm)
-  options = SAMOptions.from_arguments(locals())
-  return wrapper.compose(base_optimizer, ascent, correction, options)
+  return wrapper.compose(base_optimizer, ascent, correction, SAMOptions(**options))
 
 
+@options_lib.takes_options
 def vasso(
   base_optimizer: optax.GradientTransformation,
   rho: perturbations.ScalarOrSchedule = 0.05,
@@ -524,12 +501,7 @@ def vasso(
   adaptive_mask: adaptive_lib.MaskOrFn = None,
   perturb_mask: adaptive_lib.MaskOrFn = None,
   eps: float = 1e-7,
-  axis_name: Optional[str] = None,
-  local_perturbation: bool = False,
-  two_phase: bool = False,
-  statistics: bool = False,
-  perturb_in_param_dtype: bool = False,
-  when: Optional[policies.Policy] = None,
+  **options: Unpack[options_lib.OptionArguments],
 ) -> optax.GradientTransformationExtraArgs:
   r"""VaSSO: SAM along a moving average of the gradients, suppressing their variance.
 
@@ -578,10 +550,11 @@ def vasso(
     eps=eps,
   )
   perturbation = optax.chain(direction, ascent)
-  options = SAMOptions.from_arguments(locals())
+  options = SAMOptions(**options)
   return wrapper.compose(base_optimizer, perturbation, corrections.no_correction(), options)
 
 
+@options_lib.takes_options
 def gcsam(
   base_optimizer: optax.GradientTransformation,
   rho: perturbations.ScalarOrSchedule = 0.05,
@@ -590,12 +563,7 @@ def gcsam(
   output_axes: perturbations.AxesOrFn = (-1,),
   perturb_mask: adaptive_lib.MaskOrFn = None,
   eps: float = 1e-12,
-  axis_name: Optional[str] = None,
-  local_perturbation: bool = False,
-  two_phase: bool = False,
-  statistics: bool = False,
-  perturb_in_param_dtype: bool = False,
-  when: Optional[policies.Policy] = None,
+  **options: Unpack[options_lib.OptionArguments],
 ) -> optax.GradientTransformationExtraArgs:
   r"""GCSAM: SAM whose ascent follows the centralized gradient.
 
@@ -636,10 +604,10 @@ def gcsam(
   ascent = perturbations.centralized_ascent(
     rho, adaptive=adaptive, output_axes=output_axes, perturb_mask=perturb_mask, eps=eps
   )
-  options = SAMOptions.from_arguments(locals())
-  return wrapper.compose(base_optimizer, ascent, corrections.no_correction(), options)
+  return wrapper.compose(base_optimizer, ascent, corrections.no_correction(), SAMOptions(**options))
 
 
+@options_lib.takes_options
 def unified_sam(
   base_optimizer: optax.GradientTransformation,
   rho: perturbations.ScalarOrSchedule = 0.1,
@@ -650,12 +618,7 @@ def unified_sam(
   adaptive_mask: adaptive_lib.MaskOrFn = None,
   perturb_mask: adaptive_lib.MaskOrFn = None,
   eps: float = 1e-12,
-  axis_name: Optional[str] = None,
-  local_perturbation: bool = False,
-  two_phase: bool = False,
-  statistics: bool = False,
-  perturb_in_param_dtype: bool = False,
-  when: Optional[policies.Policy] = None,
+  **options: Unpack[options_lib.OptionArguments],
 ) -> optax.GradientTransformationExtraArgs:
   r"""Unified SAM: a convex combination of SAM's and USAM's ascents.
 
@@ -702,10 +665,10 @@ def unified_sam(
     perturb_mask=perturb_mask,
     eps=eps,
   )
-  options = SAMOptions.from_arguments(locals())
-  return wrapper.compose(base_optimizer, ascent, corrections.no_correction(), options)
+  return wrapper.compose(base_optimizer, ascent, corrections.no_correction(), SAMOptions(**options))
 
 
+@options_lib.takes_options
 def lookbehind_sam(
   base_optimizer: optax.GradientTransformation,
   rho: perturbations.ScalarOrSchedule = 0.05,
@@ -717,11 +680,7 @@ def lookbehind_sam(
   adaptive_mask: adaptive_lib.MaskOrFn = None,
   perturb_mask: adaptive_lib.MaskOrFn = None,
   eps: float = 1e-16,
-  axis_name: Optional[str] = None,
-  local_perturbation: bool = False,
-  two_phase: bool = False,
-  statistics: bool = False,
-  when: Optional[policies.Policy] = None,
+  **options: Unpack[options_lib.OptionArguments],
 ) -> optax.GradientTransformationExtraArgs:
   r"""Lookbehind-SAM: ``k`` accumulated ascents and descents per step, then a step back.
 
@@ -755,8 +714,8 @@ def lookbehind_sam(
     perturb_mask: selects the perturbed leaves (``None``: all; SAM-ON: the normalization layers).
     eps: added to the norm (``>= 0``; the official 1e-16).
     axis_name, local_perturbation: as in :func:`sharpness_aware`.
-    two_phase, statistics, when: not available for this step shape (a cycle
-      needs ``grad_fn`` ``k`` times in one call); ``True``/a policy raises.
+    two_phase, statistics, perturb_in_param_dtype, when: not available for this step shape
+      (a cycle needs ``grad_fn`` ``k`` times in one call); ``True``/a policy raises.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; call
@@ -773,13 +732,12 @@ def lookbehind_sam(
     Mordido et al., 2024, "Lookbehind-SAM: k steps back, 1 step forward":
     https://arxiv.org/abs/2307.16704
   """
-  numerics.check_flag('two_phase', two_phase)
-  numerics.check_flag('statistics', statistics)
-  if two_phase or statistics or when is not None:
-    raise ValueError(
-      'lookbehind_sam runs k inner steps in one update with grad_fn: it has no two-phase mode, '
-      'no when= policy and no step statistics.'
-    )
+  options = SAMOptions(**options)
+  options.check_supported(
+    'lookbehind_sam',
+    ('axis_name', 'local_perturbation'),
+    'it runs k inner steps in one update with grad_fn (no second call, no plain steps).',
+  )
   mask = adaptive_lib.not_bias_mask if adaptive_mask is None else adaptive_mask
   ascent = perturbations.ascent(
     rho, adaptive=adaptive, eta=eta, adaptive_mask=mask, perturb_mask=perturb_mask, eps=eps
@@ -789,8 +747,163 @@ def lookbehind_sam(
     ascent,
     cycles.interpolate(alpha),
     k,
-    axis_name=axis_name,
-    local_perturbation=local_perturbation,
+    axis_name=options.axis_name,
+    local_perturbation=options.local_perturbation,
+  )
+
+
+@options_lib.takes_options
+def preconditioned_sam(
+  base_optimizer: optax.GradientTransformation,
+  rho: perturbations.ScalarOrSchedule = 0.05,
+  *,
+  precondition_eps: float = 1e-8,
+  perturb_mask: adaptive_lib.MaskOrFn = None,
+  eps: float = 1e-12,
+  **options: Unpack[options_lib.OptionArguments],
+) -> optax.GradientTransformationExtraArgs:
+  r"""Preconditioned SAM: the ascent in the base optimizer's (Adam's) geometry.
+
+    .. math::
+
+      d = \frac{g}{\sqrt{\nu} + \epsilon_p}, \qquad
+      e = \rho \frac{d}{\|d\| + \epsilon}, \qquad
+      u = \mathrm{base}(\nabla L_B(w + e), w),
+
+    with :math:`\nu` the base optimizer's second moment before the step (Adam's,
+    not bias-corrected). The base optimizer must hold one Adam state
+    (``optax.adam``, ``optax.adamw``, a chain with ``optax.scale_by_adam``).
+    Combine it with Functional-SAM's ``grad_fn``
+    (:func:`functional_value_and_grad`) for the paper's preconditioned
+    Functional-SAM. Built from :func:`preconditioned_direction` and
+    :func:`ascent`.
+
+    Args:
+      base_optimizer: an optax optimizer with Adam's second moment.
+      rho: perturbation radius (``>= 0``) or a schedule of the step count.
+      precondition_eps: added to :math:`\sqrt{
+  u}` (``> 0``).
+      perturb_mask: selects the perturbed leaves (``None``: all).
+      eps: added to the norm (``>= 0``).
+      axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype, when: the
+        wrapper's options, the same for every alias (see :func:`sharpness_aware`).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` (see :func:`sam`).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, optax_sam
+      >>> loss = lambda w: jnp.sum(jnp.array([1.0, 100.0]) * w ** 2)
+      >>> tx = optax_sam.preconditioned_sam(optax.adamw(0.01), rho=0.05)
+      >>> w = jnp.ones(2)
+      >>> state = tx.init(w)
+      >>> u, state = tx.update(jax.grad(loss)(w), state, w, grad_fn=jax.grad(loss))
+
+    References:
+      Singh et al., 2025, "Avoiding spurious sharpness minimization broadens
+      applicability of SAM": https://arxiv.org/abs/2502.02407
+  """
+  direction = preconditioning.preconditioned_direction(precondition_eps)
+  ascent = perturbations.ascent(rho, perturb_mask=perturb_mask, eps=eps)
+  perturbation = optax.chain(direction, ascent)
+  options = SAMOptions(**options)
+  return wrapper.compose(base_optimizer, perturbation, corrections.no_correction(), options)
+
+
+@options_lib.takes_options
+def sampa(
+  base_optimizer: optax.GradientTransformation,
+  rho: perturbations.ScalarOrSchedule = 0.1,
+  lmbda: float = 0.2,
+  *,
+  perturb_mask: adaptive_lib.MaskOrFn = None,
+  eps: float = 1e-12,
+  pair_axis_name: Optional[str] = None,
+  pair_route: str = 'vmap',
+  pair_sharding: Optional[Any] = None,
+  **options: Unpack[options_lib.OptionArguments],
+) -> optax.GradientTransformationExtraArgs:
+  r"""SAMPa: SAM whose two gradients run in parallel, the ascent following the last auxiliary one.
+
+  With :math:`d_t` the gradient at the auxiliary point of the step before
+  (:math:`d_0 = 0`),
+
+  .. math::
+
+    \tilde x_t = x_t + \rho \frac{d_t}{\|d_t\| + \epsilon}, \qquad
+    y_{t+1} = x_t + \mathrm{base}(d_t, x_t), \\
+    x_{t+1} = x_t + \mathrm{base}\big((1 - \lambda) \nabla L(\tilde x_t)
+      + \lambda \nabla L(y_{t+1}),\ x_t\big), \qquad d_{t+1} = \nabla L(y_{t+1}),
+
+  where the auxiliary step :math:`\mathrm{base}(d_t, x_t)` is the base
+  optimizer's update with :math:`d_t` from its current state (momentum and
+  weight decay included) without committing it, and is zero at the first step
+  (as in the official loop). The two gradients do not depend on each other:
+  ``grad_fn`` is evaluated once on the two points stacked (``jax.vmap``), or
+  one point per device over ``pair_axis_name``, or one after the other with
+  ``pair_route='sequential'``. ``update``'s gradient argument is not used (pass
+  ``None``). Built from :func:`ascent` and the parallel step
+  (``optax_sam._src.parallel``).
+
+  The official code takes :math:`\nabla L(\tilde x_t)` on the *previous*
+  batch (the one :math:`d_t` came from, as in the paper's algorithm) and
+  :math:`\nabla L(y_{t+1})` on the current one: pass
+  ``grad_fn=optax_sam.batch_pair(grad, previous_batch, batch)`` for that (the
+  first step: the batch twice); a plain ``grad_fn(params)`` takes both on its
+  own batch.
+
+  Args:
+    base_optimizer: the optax optimizer of the weights (and of the auxiliary step).
+    rho: perturbation radius (``>= 0``) or a schedule of the step count.
+    lmbda: the weight of the auxiliary gradient, in ``[0, 1]`` (the official ``--og``).
+    perturb_mask: selects the perturbed leaves (``None``: all).
+    eps: added to :math:`\|d\|` (``>= 0``).
+    pair_axis_name: a ``shard_map``/``pmap`` axis of size 2 over which the two
+      gradients are split, one per device.
+    pair_route: ``'vmap'`` (both gradients in one batched program) or
+      ``'sequential'`` (one after the other: half the activation memory).
+    pair_sharding: with ``'vmap'`` under ``jit``, a sharding of the stacked pair
+      (e.g. ``NamedSharding(mesh, P('pair'))``: one gradient per device).
+    axis_name: average both gradients over this data-parallel axis.
+    local_perturbation, two_phase, statistics, perturb_in_param_dtype, when:
+      not available for this step shape (both gradients are taken in one call,
+      every step); setting one raises.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; call
+    ``update(None, state, params, grad_fn=...)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_sam
+    >>> loss = lambda w: jnp.sum((w - 1.0) ** 2)
+    >>> tx = optax_sam.sampa(optax.sgd(0.1), rho=0.1, lmbda=0.2)
+    >>> w = jnp.zeros(2)
+    >>> state = tx.init(w)
+    >>> for _ in range(50):
+    ...   u, state = tx.update(None, state, w, grad_fn=jax.grad(loss))
+    ...   w = optax.apply_updates(w, u)
+    >>> bool(jnp.allclose(w, 1.0, atol=0.01))
+    True
+
+  References:
+    Xie et al., 2024, "SAMPa: Sharpness-aware Minimization Parallelized":
+    https://arxiv.org/abs/2410.10683
+  """
+  options = SAMOptions(**options)
+  options.check_supported(
+    'sampa',
+    ('axis_name',),
+    'both gradients are taken in one update, every step (give grad_fn).',
+  )
+  ascent = perturbations.ascent(rho, perturb_mask=perturb_mask, eps=eps)
+  return parallel.parallel_sam(
+    base_optimizer,
+    ascent,
+    lmbda,
+    axis_name=options.axis_name,
+    pair_axis_name=pair_axis_name,
+    pair_route=pair_route,
+    pair_sharding=pair_sharding,
   )
 
 
@@ -811,4 +924,7 @@ VARIANTS: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] = {
   'gcsam': gcsam,
   'unifiedsam': unified_sam,
   'lookbehind': lookbehind_sam,
+  'sampa': sampa,
 }
+# Not named here: preconditioned_sam needs an Adam base optimizer (the example and the benchmarks
+# train with SGD); tests/helpers.py runs it around AdamW.

@@ -118,7 +118,7 @@ def cycle(
     def inner(carry, _):
       a, g, fast, first, j, perturbation_state, base_state = carry
       e, perturbation_state = perturbation.update(
-        axes.before(g), perturbation_state, a, mean_grads=axes.mean(g)
+        axes.before(g), perturbation_state, a, mean_grads=axes.mean(g), base_state=base_state
       )
       a = optax.apply_updates(a, e)
       g = grad_fn(a)

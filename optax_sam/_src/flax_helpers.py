@@ -164,6 +164,86 @@ def nnx_value_and_grad(
   return value, grads, grad_fn
 
 
+def nnx_functional_value_and_grad(
+  output_fn: Callable[..., Any],
+  output_loss: Callable[[Any], Any],
+  model: nnx.Module,
+  *args: Any,
+  wrt: Any = nnx.Param,
+  has_aux: bool = False,
+  reuse_rngs: bool = True,
+) -> tuple[Any, nnx.State, GradFn]:
+  r"""Functional-SAM's clean pass and ``grad_fn`` for an ``nnx.Module``.
+
+  :func:`optax_sam.functional_value_and_grad` for NNX: the clean pass runs
+  ``output_fn(model, *args)`` (e.g. the logits) and ``output_loss`` of its
+  outputs, keeps the output gradient :math:`\nabla\ell(f(w))`, and leaves the
+  model with the clean pass's state (BatchNorm statistics, RNG counts), as
+  :func:`nnx_value_and_grad` does; ``grad_fn(w')`` returns
+  :math:`J(w')^\top \nabla\ell(f(w))`, its forward pass on a copy of the model
+  from the state before the clean pass (the same dropout masks with
+  ``reuse_rngs``). A Functional-SAM step is then::
+
+    loss, grads, grad_fn = optax_sam.flax.nnx_functional_value_and_grad(
+      lambda model, x: model(x), lambda logits: loss_of(logits, y), model, x)
+    optimizer.update(model, grads, grad_fn=grad_fn)
+
+  Args:
+    output_fn: ``output_fn(model, *args) -> outputs``.
+    output_loss: ``output_loss(outputs) -> loss`` (or ``(loss, aux)`` with ``has_aux``).
+    model: the model; the clean pass updates its non-parameter state.
+    *args: the other arguments of ``output_fn`` (the inputs).
+    wrt: the filter of the variables to differentiate.
+    has_aux: whether ``output_loss`` returns ``(loss, aux)``.
+    reuse_rngs: see :func:`nnx_grad_fn`.
+
+  Returns:
+    ``(value, grads, grad_fn)`` as :func:`nnx_value_and_grad` returns them.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_sam
+    >>> from flax import nnx
+    >>> import optax_sam.flax
+    >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(model, optax_sam.sam(optax.adam(0.01)), wrt=nnx.Param)
+    >>> x, y = jnp.ones((4, 2)), jnp.array([0, 1, 2, 0])
+    >>> loss_of = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    >>> loss, grads, grad_fn = optax_sam.flax.nnx_functional_value_and_grad(
+    ...   lambda model, x: model(x), loss_of, model, x)
+    >>> _ = optimizer.update(model, grads, grad_fn=grad_fn)
+
+  References:
+    Singh et al., 2025, "Avoiding spurious sharpness minimization broadens
+    applicability of SAM": https://arxiv.org/abs/2502.02407
+  """
+  graphdef, keys, rest = nnx.split((model, args), nnx.RngKey, ...)
+  keys, rest = nnx.as_pure(keys), nnx.as_pure(rest)
+  perturbed_keys = keys
+  if not reuse_rngs:
+    perturbed_keys = jax.tree.map(lambda k: jax.random.fold_in(k, _FRESH_RNG_SALT), keys)
+
+  def outputs_at(params, keys):
+    model_copy, args_copy = nnx.merge(graphdef, keys, rest)
+    nnx.update(model_copy, params)
+    return output_fn(model_copy, *args_copy), nnx.as_pure(nnx.state(model_copy))
+
+  variables = nnx.state(model, wrt)
+  outputs, pullback, after = jax.vjp(
+    lambda p: outputs_at(p, keys), nnx.as_pure(variables), has_aux=True
+  )
+  value, output_grads = jax.value_and_grad(output_loss, has_aux=has_aux)(outputs)
+  (grads,) = pullback(output_grads)
+  nnx.update(model, after)  # the clean pass's state: BatchNorm statistics, RNG counts
+
+  def grad_fn(params):
+    _, pullback_there = jax.vjp(lambda p: outputs_at(p, perturbed_keys)[0], params)
+    return pullback_there(output_grads)[0]
+
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  grads = jax.tree.map(lambda v, g: v.replace(g), variables, grads, is_leaf=is_variable)
+  return value, grads, grad_fn
+
+
 def nnx_clean_params(model: nnx.Module, optimizer: nnx.Optimizer) -> nnx.State:
   """The unperturbed parameters of a model trained with a two-phase SAM ``nnx.Optimizer``.
 

@@ -308,7 +308,7 @@ def _scan_route(spec: one_call.Spec, batches: MicroBatches, state, params, extra
     # The perturbation's state advances as after a step whose clean gradient is the mean.
     wide_params = one_call.widen(spec, params, params)
     *_, perturbation_state = one_call.perturb(
-      spec, mean_grads, state.perturbation_state, wide_params, averaged, mean_grads
+      spec, mean_grads, state, wide_params, averaged, mean_grads
     )
     new_state = state._replace(
       perturbation_state=perturbation_state,

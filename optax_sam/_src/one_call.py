@@ -110,10 +110,22 @@ def init(spec: Spec, params: optax.Params) -> state_lib.SAMState:
   )
 
 
+def ascend(spec: Spec, g, state, params, mean_grads):
+  """``(e, perturbation state)``: the perturbation of ``g`` at ``params``.
+
+  The perturbation also receives, as extra arguments, the members' mean gradient
+  (``mean_grads``) and the base optimizer's state (``base_state``: a preconditioned
+  ascent reads Adam's second moment there).
+  """
+  return spec.perturbation.update(
+    g, state.perturbation_state, params, mean_grads=mean_grads, base_state=state.base_state
+  )
+
+
 def perturb(spec: Spec, grads, state, params, axes: Axes, mean_grads):
-  """The clean half of a step: ``(g, e, perturbation state)`` for this member."""
+  """The clean half of a step: ``(g, e, perturbation state)`` for this member of ``state``."""
   g = grads if axes.local else mean_grads
-  e, new_state = spec.perturbation.update(g, state, params, mean_grads=mean_grads)
+  e, new_state = ascend(spec, g, state, params, mean_grads)
   return g, e, new_state
 
 
@@ -152,7 +164,7 @@ def plain_gradient(spec: Spec, grads, mean_grads, state, params, axes: Axes):
   advances on every step: F-SAM's EMA keeps tracking ``g``, and a ``rho``
   schedule counts every step.
   """
-  *_, perturbation_state = perturb(spec, grads, state.perturbation_state, params, axes, mean_grads)
+  *_, perturbation_state = perturb(spec, grads, state, params, axes, mean_grads)
   reuse = spec.correction.reuse
   g = mean_grads if reuse is None else reuse(state.memory, mean_grads)
   new_state = state._replace(
@@ -201,9 +213,7 @@ def member_gradient(spec: Spec, g, mean_grads, state, params, grad_fn: GradFn, a
   """
   statistics = spec.options.statistics
   wide_params = widen(spec, params, params)
-  e, perturbation_state = spec.perturbation.update(
-    g, state.perturbation_state, wide_params, mean_grads=mean_grads
-  )
+  e, perturbation_state = ascend(spec, g, state, wide_params, mean_grads)
   perturbed = optax.apply_updates(wide_params, e)
   stats = state.statistics
   if statistics:

@@ -1,8 +1,10 @@
 """The SAM wrapper's shared options, validated once, and the parts a SAM optimizer is made of."""
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any, NamedTuple, Optional
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, NamedTuple, Optional, TypedDict, TypeVar
 
 import optax
 
@@ -15,8 +17,9 @@ _FLAGS = ('local_perturbation', 'two_phase', 'statistics', 'perturb_in_param_dty
 class SAMOptions:
   """How a SAM optimizer runs, whatever its perturbation and correction.
 
-  Every alias takes these as keyword arguments and hands them on with
-  :meth:`from_arguments`; :func:`sharpness_aware` documents each.
+  Every alias takes these as keyword arguments (:class:`OptionArguments`, spelled
+  out in its signature by :func:`takes_options`) and hands them on as
+  ``SAMOptions(**options)``; :func:`sharpness_aware` documents each.
 
   Attributes:
     axis_name: the ``pmap``/``shard_map`` axis (or axes) to average over, or ``None``.
@@ -45,19 +48,70 @@ class SAMOptions:
     if self.local_perturbation and self.axis_name is None:
       raise ValueError('local_perturbation=True needs axis_name (the axis of pmap or shard_map).')
 
-  @classmethod
-  def from_arguments(cls, arguments: Mapping[str, Any], **overrides: Any) -> 'SAMOptions':
-    """The options among a factory's arguments, found by their names (e.g. in ``locals()``).
+  def check_supported(self, method: str, supported: tuple[str, ...], why: str) -> None:
+    """Raises ``ValueError`` naming the options ``method``'s step shape does not have.
 
     Args:
-      arguments: a mapping holding (at least) the option names.
-      **overrides: values that replace those in ``arguments``.
-
-    Returns:
-      The validated :class:`SAMOptions`.
+      method: the factory's name, for the message.
+      supported: the option names it honours.
+      why: the reason the others are not available, for the message.
     """
-    values = {f.name: arguments[f.name] for f in dataclasses.fields(cls) if f.name in arguments}
-    return cls(**{**values, **overrides})
+    chosen = [
+      f.name
+      for f in dataclasses.fields(self)
+      if f.name not in supported and getattr(self, f.name) != f.default
+    ]
+    if chosen:
+      raise ValueError(f'{method} does not take {", ".join(chosen)}: {why}')
+
+
+class OptionArguments(TypedDict, total=False):
+  """:class:`SAMOptions` as keyword arguments: an alias's ``**options: Unpack[OptionArguments]``."""
+
+  axis_name: Any
+  local_perturbation: bool
+  two_phase: bool
+  statistics: bool
+  perturb_in_param_dtype: bool
+  when: Optional[policies.Policy]
+
+
+Factory = TypeVar('Factory', bound=Callable[..., Any])
+
+
+def takes_options(factory: Factory) -> Factory:
+  """``factory`` with the :class:`SAMOptions` fields as explicit keyword-only parameters.
+
+  An alias is written ``def alias(base_optimizer, rho=..., *, its_hyperparameters...,
+  **options: Unpack[OptionArguments])`` and hands ``SAMOptions(**options)`` on. This decorator
+  gives it the signature with the six options spelled out (their defaults those of
+  :class:`SAMOptions`), which is what ``optax.inject_hyperparams``, ``help`` and the API reference
+  read, and rejects an unknown keyword with Python's own ``TypeError``.
+
+  Args:
+    factory: a function whose last parameter is ``**options``.
+
+  Returns:
+    The function with the explicit signature.
+  """
+  signature = inspect.signature(factory)
+  *own, var_keyword = signature.parameters.values()
+  assert var_keyword.kind is inspect.Parameter.VAR_KEYWORD, factory
+  hints = OptionArguments.__annotations__
+  keyword = inspect.Parameter.KEYWORD_ONLY
+  shared = [
+    inspect.Parameter(f.name, keyword, default=f.default, annotation=hints[f.name])
+    for f in dataclasses.fields(SAMOptions)
+  ]
+  explicit = signature.replace(parameters=[*own, *shared])
+
+  @functools.wraps(factory)
+  def with_explicit_signature(*args, **kwargs):
+    explicit.bind(*args, **kwargs)  # an unknown or repeated keyword: the usual TypeError
+    return factory(*args, **kwargs)
+
+  with_explicit_signature.__signature__ = explicit
+  return with_explicit_signature  # type: ignore[return-value]
 
 
 class Spec(NamedTuple):

@@ -7,11 +7,11 @@ aliases (:mod:`aliases`) are compositions of parts handed to :func:`compose`.
 """
 
 import functools
-from typing import Any, Optional
+from typing import Any, Optional, Unpack
 
 import optax
 
-from optax_sam._src import corrections, one_call, policies
+from optax_sam._src import corrections, one_call
 from optax_sam._src import micro_batches as micro_batches_lib
 from optax_sam._src import options as options_lib
 from optax_sam._src import two_phase as two_phase_lib
@@ -57,17 +57,12 @@ def _one_call_update(
   return one_call.step(spec, grads, state, params, grad_fn, extra, one_call.device_axes(spec))
 
 
+@options_lib.takes_options
 def sharpness_aware(
   base_optimizer: optax.GradientTransformation,
   perturbation: optax.GradientTransformation,
   correction: Optional[corrections.Correction] = None,
-  *,
-  axis_name: Optional[str] = None,
-  local_perturbation: bool = False,
-  two_phase: bool = False,
-  statistics: bool = False,
-  perturb_in_param_dtype: bool = False,
-  when: Optional[policies.Policy] = None,
+  **options: Unpack[options_lib.OptionArguments],
 ) -> optax.GradientTransformationExtraArgs:
   r"""Builds a SAM-family optimizer from a perturbation, a correction and a base optimizer.
 
@@ -158,5 +153,4 @@ def sharpness_aware(
     Foret et al., 2021, "Sharpness-Aware Minimization for Efficiently Improving
     Generalization": https://arxiv.org/abs/2010.01412
   """
-  options = options_lib.SAMOptions.from_arguments(locals())
-  return compose(base_optimizer, perturbation, correction, options)
+  return compose(base_optimizer, perturbation, correction, options_lib.SAMOptions(**options))

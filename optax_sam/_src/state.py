@@ -161,6 +161,28 @@ def momentum(base_state: optax.OptState) -> optax.Updates:
   return state.trace if isinstance(state, optax.TraceState) else state.mu
 
 
+def second_moment(base_state: optax.OptState) -> optax.Updates:
+  """Adam's second moment ``nu`` in a base optimizer's state (``optax.adam``, ``adamw``, a chain).
+
+  Args:
+    base_state: a state holding exactly one ``optax.ScaleByAdamState``.
+
+  Returns:
+    ``ScaleByAdamState.nu``, not bias-corrected.
+
+  Raises:
+    ValueError: when the state holds none, or more than one.
+  """
+  states = find_states(base_state, optax.ScaleByAdamState)
+  if len(states) != 1:
+    raise ValueError(
+      "a preconditioned ascent reads the base optimizer's second moment: use optax.adam, "
+      'optax.adamw or a chain holding one optax.scale_by_adam (the state holds '
+      f'{len(states)} Adam states).'
+    )
+  return states[0][1].nu
+
+
 def add_scaled(params: Any, scale: jax.Array, v: Any) -> Any:
   """``params + scale * v`` in the params' dtypes."""
   return jax.tree.map(

@@ -43,9 +43,7 @@ def init(spec: Spec, params: optax.Params) -> state_lib.TwoPhaseSAMState:
 def _ascent_call(spec: Spec, grads, mean_grads, state, params):
   """The first call: ``e`` as the update (``w -> w + e``), and what the second call needs."""
   axes = one_call.device_axes(spec)
-  g, e, perturbation_state = one_call.perturb(
-    spec, grads, state.perturbation_state, params, axes, mean_grads
-  )
+  g, e, perturbation_state = one_call.perturb(spec, grads, state, params, axes, mean_grads)
   stats = state.statistics
   if spec.options.statistics:
     # The weights will hold w + e in their own dtype: measured here, from e.

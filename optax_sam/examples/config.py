@@ -36,10 +36,12 @@ COMBINABLE = ('sam', 'usam', 'asam', 'fsam', 'stable')
 LR_SCHEDULES = ('cosine', 'constant')
 GROUP_ROUTES = ('vmap', 'scan')
 # Variants built by their alias with its defaults (the radius from --rho).
-NAMED = ('wsam', 'vasso', 'gcsam', 'unifiedsam', 'lookbehind')
+NAMED = ('wsam', 'vasso', 'gcsam', 'unifiedsam', 'lookbehind', 'sampa')
+# Named variants with their own step shape: no --sam-every/--sam-after, --m-sharpness, --accumulate.
+OWN_STEP = ('lookbehind', 'sampa')
 OPTIMIZER_CHOICES = (
   'sgd, sam, usam, asam, fsam, stablesam, gsam, looksam, msam, wsam, vasso, gcsam, unifiedsam, '
-  'lookbehind, '
+  'lookbehind, sampa, '
   'or SAM variants joined by + '
   '(parts sam, usam, asam, fsam, stable; e.g. fsam+stable, asam+stable, usam+stable, fsam+asam)'
 )
@@ -304,8 +306,10 @@ class Config:
       )
     if spec.look and self.sam_after is not None:
       raise ConfigError('--sam-after does not apply to looksam: its period is --sam-every')
-    if when and spec.named == 'lookbehind':
-      raise ConfigError('--sam-every/--sam-after do not apply to lookbehind: each step is k steps')
+    if when and spec.named in OWN_STEP:
+      raise ConfigError(
+        f'--sam-every/--sam-after do not apply to {spec.named}: it has its own step shape'
+      )
     _check('eta', self.eta, low=0.0, optional=True)
     _check('label_noise', self.label_noise, low=0.0, high=1.0, high_open=True)
     _check('dropout', self.dropout, low=0.0, high=1.0, high_open=True)
@@ -377,8 +381,11 @@ def _check_micro_batches(config: Config, spec: OptimizerSpec) -> None:
       raise ConfigError(
         f'--{name.replace("_", "-")} must divide --batch-size {config.batch_size}, got {value}'
       )
-  if config.m_sharpness is not None and spec.named == 'lookbehind':
-    raise ConfigError('--m-sharpness does not apply to lookbehind (its inner steps take the batch)')
+  grouped = config.m_sharpness is not None or config.accumulate is not None
+  if grouped and spec.named in OWN_STEP:
+    raise ConfigError(
+      f'--m-sharpness/--accumulate do not apply to {spec.named}: it takes its gradients itself'
+    )
   if config.m_sharpness is not None and (not spec.sam or spec.momentum):
     raise ConfigError(
       f'--m-sharpness perturbs groups for the second gradient; {spec.name} takes none'

@@ -124,6 +124,8 @@ def create_optimizer(
     return optax_sam.gsam(base, rho, alpha=config.alpha, when=when, statistics=True)
   if spec.named == 'lookbehind':  # k inner steps per step: no statistics, no when=
     return optax_sam.lookbehind_sam(base, rho)
+  if spec.named == 'sampa':  # both gradients in one update, every step: no statistics, no when=
+    return optax_sam.sampa(base, rho)
   if spec.named:  # WSAM's decoupled term takes the base's learning rate
     extra = {'learning_rate': lr} if spec.named == 'wsam' else {}
     return aliases.VARIANTS[spec.named](base, rho, when=when, statistics=True, **extra)
@@ -277,8 +279,50 @@ def micro_batch_train_step(
   return loss, jnp.sum(jnp.argmax(logits, -1) == y), _step_statistics(optimizer)
 
 
+@nnx.jit
+def sampa_train_step(
+  model: models.ResNet,
+  optimizer: nnx.Optimizer,
+  x: jax.Array,
+  y: jax.Array,
+  previous_x: jax.Array,
+  previous_y: jax.Array,
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """One SAMPa step: the perturbed point's gradient on the previous batch, as the official code.
+
+  :func:`optax_sam.sampa` takes both gradients (one ``vmap`` over the two points, each with its
+  own batch: :func:`optax_sam.batch_pair`); the loss, the accuracy and the BatchNorm running
+  statistics come from a forward pass over the batch, without a gradient.
+  """
+  grad = jax.grad(_group_loss(model))
+  group = jnp.zeros(x.shape[0], jnp.int32)  # dropout keys: one fold for each of the two points
+  pair = optax_sam.batch_pair(grad, (previous_x, previous_y, group), (x, y, group + 1))
+  loss, logits = loss_fn(model, x, y)
+  unused = jax.tree.map(jnp.zeros_like, nnx.as_pure(nnx.state(model, nnx.Param)))
+  optimizer.update(model, _as_grads(model, unused), grad_fn=pair)
+  return loss, jnp.sum(jnp.argmax(logits, -1) == y), {}
+
+
+def _sampa_steps() -> Callable[..., Any]:
+  """:func:`sampa_train_step` with the previous batch remembered (the first: the batch itself)."""
+  previous = []
+
+  def step(model, optimizer, x, y):
+    px, py = previous.pop() if previous else (x, y)
+    previous.append((x, y))
+    return sampa_train_step(model, optimizer, x, y, px, py)
+
+  return step
+
+
 def _train_step(config: config_lib.Config) -> Callable[..., Any]:
-  """The step ``config`` asks for: :func:`train_step` or a :func:`micro_batch_train_step`."""
+  """The step ``config`` asks for: :func:`train_step`, a :func:`micro_batch_train_step` or SAMPa's.
+
+  SAMPa's pairs each batch with the one before it within an epoch (the first step of an epoch
+  pairs its batch with itself).
+  """
+  if config.spec.named == 'sampa':
+    return _sampa_steps()
   if config.m_sharpness is not None:
     return functools.partial(
       micro_batch_train_step, size=config.m_sharpness, accumulate=False, route=config.group_route

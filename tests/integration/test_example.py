@@ -237,6 +237,7 @@ def expected_optimizer(name):
     'gcsam': optax_sam.gcsam(base, 0.05),
     'unifiedsam': optax_sam.unified_sam(base, 0.1),
     'lookbehind': optax_sam.lookbehind_sam(base, 0.05),
+    'sampa': optax_sam.sampa(base, 0.1),
   }[name]
 
 
@@ -261,13 +262,33 @@ def assert_same_steps(ours, theirs, steps, grad_fn_too=True):
 @pytest.mark.parametrize(
   'name',
   ['sgd', 'sam', 'usam', 'asam', 'fsam', 'stablesam', 'gsam', 'fsam+stable', 'asam+stable',
-   'fsam+asam', 'wsam', 'vasso', 'gcsam', 'unifiedsam', 'lookbehind'],
+   'fsam+asam', 'wsam', 'vasso', 'gcsam', 'unifiedsam', 'lookbehind', 'sampa'],
 )  # fmt: skip
 def test_create_optimizer_builds_the_named_alias(name):
   config = config_lib.Config(optimizer=name, lr_schedule='constant', **BASE)
   ours, theirs = train.create_optimizer(config, steps_per_epoch=10), expected_optimizer(name)
   params, trained = assert_same_steps(ours, theirs, 3, grad_fn_too=name != 'sgd')
   assert not np.allclose(trained['kernel'], params['kernel'])
+
+
+def test_sampa_pairs_each_batch_with_the_one_before(tmp_path, digits, monkeypatch):
+  """The perturbed point's batch is the previous step's (the first step: its own), and it trains."""
+  seen = []
+  real = train.sampa_train_step
+  key = lambda a: hash(np.asarray(a).tobytes())
+  record = lambda m, o, x, y, px, py: seen.append((key(x), key(px))) or real(m, o, x, y, px, py)
+  monkeypatch.setattr(train, 'sampa_train_step', record)
+  config = dataclasses.replace(TINY, optimizer='sampa')
+  metrics = train.train_and_evaluate(
+    config, tmp_path, dataset=digits, progress=False, log=lambda _: None
+  )
+  assert len(seen) == 4 and seen[0][0] == seen[0][1]
+  assert [previous for _, previous in seen[1:]] == [current for current, _ in seen[:-1]]
+  assert np.isfinite(metrics['final']['train_loss']) and 0 <= metrics['final']['test_accuracy'] <= 1
+  with pytest.raises(config_lib.ConfigError, match='do not apply to sampa'):
+    dataclasses.replace(config, sam_every=2).validate()
+  with pytest.raises(config_lib.ConfigError, match='do not apply to sampa'):
+    dataclasses.replace(config, accumulate=2).validate()
 
 
 # ----------------------------------------------------------------------------- training loop

@@ -129,6 +129,19 @@ SOURCES = {
       'lookbehind.py': '21d726a676527e5a2d7afc3b02e6684383f1760757e49788bbd20764b1bfa33c',
     },
   },
+  'sampa': {
+    'repository': 'LIONS-EPFL/SAMPa',
+    'commit': '01093ef6eb35af2eefa62b618bfcae16fb4a73d7',
+    'file': 'train.py',
+    'file_last_changed_in': '9fd7534182dfb12127323c4ea45750bafcbbd5b6',
+    'license': 'none found (no LICENSE file, no licence text in README): not copied here',
+    'env': 'SAMPA_SRC',
+    'mirror': 'LIONS-EPFL+SAMPa',
+    'files': {
+      'train.py': '09d9d24c4868940a6db2169b1a70e166d27db84da9ba5525f5bd9d3207b9ff4b',
+      'utility.py': '811016a9bed32aa9b8e05dd335dd6d6cda9ed1e1e142fff2c05e92866f8e3afc',
+    },
+  },
 }
 
 
@@ -775,6 +788,168 @@ LOOKBEHIND_CASES = [
 
 
 # ---------------------------------------------------------------------------------------------
+# SAMPa: the algorithm lives in train.py's run(args), a two-process Lightning Fabric loop (rank 0
+# takes the gradient at the perturbed point, rank 1 the one at the auxiliary point; one
+# all_reduce sums them). It runs here unmodified, imported from the official train.py and
+# utility.py, in two threads with the stand-ins below for what it imports and does not need:
+# Lightning Fabric (rank from the thread, all_reduce = a sum across the two threads), the dataset
+# (our batches) and the model (TinyNet). Its loss is the official utility.smooth_crossentropy
+# (label smoothing 0.1) on TinyNet's three outputs as logits.
+
+SAMPA_LOOP = (
+  "train.run(args) of the official train.py, unmodified, in two threads standing for Fabric's "
+  'two ranks (all_reduce sums across them); get_dataset/get_model/lightning.fabric are stand-ins '
+  '(our batches, TinyNet, no-op setup); args: epochs=1, lr=0.1, momentum=0.9 and the case\'s rho, '
+  'og (lambda) and weight_decay. One epoch of SAMPA_BATCHES batches = the steps recorded.'
+)
+SAMPA_BATCHES = 5  # batch t: rows (3 t + i) % 16, i < 8, of x; labels argmax(y, 1)
+
+
+def sampa_batches(prob: Problem) -> list:
+  labels = np.argmax(prob.data['y'], axis=1)
+  rows = [[(3 * t + i) % 16 for i in range(8)] for t in range(SAMPA_BATCHES)]
+  return [(prob.x[r], torch.tensor(labels[r])) for r in rows], rows, labels
+
+
+class _FakeFabric:
+  """Lightning Fabric for two ranks played by two threads of this process."""
+
+  local = None  # threading.local with .rank, set per thread
+  barrier = None
+  slots: list = [None, None]
+
+  def __init__(self, **kwargs):
+    self.global_rank = _FakeFabric.local.rank
+
+  def launch(self):
+    pass
+
+  def setup_dataloaders(self, *loaders, **kwargs):
+    return loaders
+
+  def setup(self, model, optimizer):
+    return model, optimizer
+
+  def no_backward_sync(self, model, enabled=True):
+    import contextlib  # noqa: PLC0415
+
+    return contextlib.nullcontext()
+
+  def backward(self, loss):
+    loss.backward()
+
+  def all_reduce(self, tensor, reduce_op='sum'):
+    assert reduce_op == 'sum'
+    _FakeFabric.slots[self.global_rank] = tensor.clone()
+    _FakeFabric.barrier.wait()
+    total = _FakeFabric.slots[0] + _FakeFabric.slots[1]
+    _FakeFabric.barrier.wait()
+    return total
+
+
+def run_sampa(prob: Problem, hp: dict) -> list:
+  import threading  # noqa: PLC0415
+
+  batches, _, labels = sampa_batches(prob)
+  whole = [(prob.x, torch.tensor(labels))]
+  data = types.SimpleNamespace(train=batches, valid=whole, test=whole)
+  _FakeFabric.local, _FakeFabric.barrier = threading.local(), threading.Barrier(2)
+  fabric = types.ModuleType('lightning.fabric')
+  fabric.Fabric, fabric.seed_everything = _FakeFabric, lambda seed: None
+  recorded = []
+
+  def get_model(args):
+    return prob.model()
+
+  def get_dataset(args):
+    return data
+
+  original_sgd = torch.optim.SGD
+
+  class RecordingSGD(original_sgd):
+    def __init__(self, params, **kwargs):
+      super().__init__(params, **kwargs)
+      if _FakeFabric.local.rank == 0:
+        model_params = self.param_groups[0]['params']
+        self.register_step_post_hook(
+          lambda *_: recorded.append(
+            {
+              'params': {
+                'kernel': model_params[0].detach().numpy().T.copy(),
+                'bias': model_params[1].detach().numpy().copy(),
+                'scale': model_params[2].detach().numpy().copy(),
+              }
+            }
+          )
+        )
+
+  sys.modules['lightning'] = types.ModuleType('lightning')
+  sys.modules['lightning.fabric'] = fabric
+  sys.modules['get_dataset'] = types.SimpleNamespace(get_dataset=get_dataset)
+  sys.modules['get_model'] = types.SimpleNamespace(get_model=get_model)
+  sys.modules.pop('train', None)  # imported afresh for each case, binding this case's stand-ins
+  import train  # noqa: PLC0415 - the official train.py, from the temporary folder on sys.path
+
+  save = tempfile.mkdtemp(prefix='official-sampa-save-')
+  args = argparse.Namespace(
+    epochs=1, lr=BASE['lr'], momentum=BASE['momentum'], seed=42, save_path=save, **hp
+  )
+  errors = []
+
+  def rank(r):
+    _FakeFabric.local.rank = r
+    try:
+      train.run(args)
+    except BaseException as err:  # noqa: BLE001 - reported below
+      errors.append(err)
+      _FakeFabric.barrier.abort()
+
+  train.optim.SGD = RecordingSGD
+  try:
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+  finally:
+    train.optim.SGD = original_sgd
+  if errors:
+    raise errors[0]
+  assert len(recorded) == SAMPA_BATCHES, len(recorded)
+  return recorded
+
+
+def sampa_header(prob: Problem) -> dict:
+  """What differs for SAMPa: a classification loss, five batches, weight decay per case."""
+  _, rows, labels = sampa_batches(prob)
+  return {
+    'problem': {
+      **header(prob, 'sampa', {}, '', '')['problem'],
+      'loss': (
+        'utility.smooth_crossentropy(out, labels, smoothing=0.1).mean() (official): KL of the '
+        'smoothed one-hot (0.9 on the label, 0.05 elsewhere) to softmax(out), over the batch'
+      ),
+      'labels': labels,
+      'batches': rows,
+      'batches_rule': 'batch t: rows (3 t + i) % 16, i < 8, of x and labels',
+    },
+    'base_optimizer': {
+      'name': 'torch.optim.SGD',
+      **BASE,
+      'weight_decay': "the case's hyperparameters['weight_decay']",
+    },
+    'trajectory_fields': "steps[i]['params']: the parameters after step i + 1 (JAX orientation).",
+  }
+
+
+SAMPA_CASES = [
+  ('defaults', {'rho': 0.1, 'og': 0.2, 'weight_decay': 0.0005}),
+  ('rho0.5_og0.5_no_decay', {'rho': 0.5, 'og': 0.5, 'weight_decay': 0.0}),
+  ('rho0.3_og0.8_decay0.01', {'rho': 0.3, 'og': 0.8, 'weight_decay': 0.01}),
+]
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def header(prob: Problem, method: str, official: dict, cls: str, loop: str) -> dict:
@@ -887,6 +1062,13 @@ def main() -> int:
       SAMON_CASES,
       lambda module, cls_name, hp: run_samon(prob, cls_name, hp, module),
     ),
+    'sampa': (
+      vendored('sampa'),
+      'train.run (the training loop)',
+      SAMPA_LOOP,
+      SAMPA_CASES,
+      lambda _, hp: run_sampa(prob, hp),
+    ),
     'lookbehind_sam': (
       vendored('lookbehind_sam'),
       'LookbehindSAM / LookbehindASAM',
@@ -906,6 +1088,8 @@ def main() -> int:
       failed.append(method)
       continue
     doc = header(prob, method, meta, cls, loop)
+    if method == 'sampa':
+      doc |= sampa_header(prob)
     for name, *rest in cases:  # (name, hp) or (name, class name, hp)
       case = {'name': name, 'class': rest[0]} if len(rest) == 2 else {'name': name}
       doc['cases'].append(case | {'hyperparameters': rest[-1], 'steps': run(needed, *rest)})
