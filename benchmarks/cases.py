@@ -43,7 +43,8 @@ class Variant(NamedTuple):
     name: short name used in tables.
     build: ``build(base, two_phase) -> transformation``.
     call: the factory call, for the docs.
-    ema_state: carries F-SAM's EMA (one parameter-sized buffer) and its step count.
+    ema_state: carries one parameter-sized buffer and a step count (F-SAM's and VaSSO's EMA,
+      SAMPa's direction d).
     prepared: what two-phase mode keeps from the clean pass besides the
       weights: ``'none'``, ``'norm'`` (a float32 scalar) or ``'gradient'``.
     two_phase: whether the variant has a two-phase mode (Lookbehind-SAM's
@@ -119,6 +120,14 @@ VARIANTS = (
     'unified_sam(base)',
     False,
     'none',
+  ),
+  Variant(
+    'sampa',
+    lambda b, tp: optax_sam.sampa(b),
+    'sampa(base) (its two gradients in one vmap; the clean gradient unused)',
+    True,
+    'none',
+    two_phase=False,
   ),
 )
 
@@ -282,8 +291,12 @@ def build_cases(
     for v in VARIANTS:
       if v.name in references.MATH:
         init, step = references.reference_step(model, base, references.MATH[v.name])
-        expected = documented_state_bytes(v, False, param_bytes)
-        cases.append(Case(f'ref/{v.name}', 'reference', v.name, '1call', 1, init, step, expected))
+      elif v.name in references.STEPS:
+        init, step = references.STEPS[v.name](model, base)
+      else:
+        continue
+      expected = documented_state_bytes(v, False, param_bytes)
+      cases.append(Case(f'ref/{v.name}', 'reference', v.name, '1call', 1, init, step, expected))
   if only is not None:
     cases = [c for c in cases if c.name in only]
   return cases

@@ -16,8 +16,11 @@
 #   contract  the optax contract every optimizer passes (tests/test_contract.py), the same way.
 #   run       python -m benchmarks.run on ResNet-18 at batch 128 (benchmarks.{json,md}).
 #   micro     python -m benchmarks.micro_batches on the CNN and ResNet-18 (micro_batches.{json,md}).
+#   parallel  python -m benchmarks.parallel on the MLP, the CNN and ResNet-18 (parallel.{json,md}):
+#             SAMPa's vmapped pair against SAM and the base step (two-device cases with 2 GPUs).
 # A lent machine allows 10 minutes per command and sends back at most 8 files: the default parts
-# write 5 files, run and micro 2 each, so contract, run and micro go in a call of their own
+# write 5 files, run, micro and parallel 2 each, so contract, run, micro and parallel go in a call
+# of their own
 # (the script warns when $OUT holds more than 8 files).
 # Everything printed, the tests' output included, goes to gpu_checks.log, each part between
 # '== NAME' lines that give its exit status and time. Without QUICK the benchmarks run only on a
@@ -106,8 +109,12 @@ for name in ${*:-cheap tests}; do
       bench micro 300 "$python" -m benchmarks.micro_batches --models cnn,resnet18 "${quick[@]}" \
         "${budget[@]}" --out "$out"
       ;;
+    parallel)
+      bench parallel 300 "$python" -m benchmarks.parallel --models mlp,cnn,resnet18 "${quick[@]}" \
+        "${budget[@]}" --out "$out"
+      ;;
     *)
-      echo "unknown part: $name (cheap, tests, contract, run, micro)" | tee -a "$log"
+      echo "unknown part: $name (cheap, tests, contract, run, micro, parallel)" | tee -a "$log"
       fail 2
       ;;
   esac

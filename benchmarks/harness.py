@@ -160,6 +160,38 @@ def interleaved(runners: list, rounds: int, steps: int, log=None) -> dict[str, l
   return times
 
 
+def side_by_side(runners: list, reference: str, settings: Settings, log=print) -> dict:
+  """Warms up, sizes and times ``runners`` interleaved; each case's time and ratio to ``reference``.
+
+  Returns ``dict(rounds, steps, cases)`` with ``cases[name]`` holding ``time_ms`` (median),
+  ``ratio_vs_<reference>`` (median of per-round ratios), ``ci95`` (bootstrap), ``temp_bytes``
+  and ``compile_s``.
+  """
+  estimate = {}
+  for r in runners:
+    r.run(settings.warmup_steps)
+    estimate[r.case.name] = r.run(1)
+  steps = max(1, round(settings.measure_s / estimate[reference]))
+  round_s = steps * sum(estimate.values())
+  rounds = int(np.clip(settings.budget_s // max(round_s, 1e-9), settings.min_rounds, 101))
+  log(f'  timing: {rounds} rounds x {steps} steps per case (~{round_s:.2f} s per round)')
+  times = interleaved(runners, rounds, steps, log)
+  reference_t = np.asarray(times[reference])
+  cases = {}
+  for r in runners:
+    t = np.asarray(times[r.case.name])
+    ratios = t / reference_t
+    low, high = bootstrap_ci(ratios)
+    cases[r.case.name] = {
+      'time_ms': float(np.median(t) * 1e3),
+      f'ratio_vs_{reference}': float(np.median(ratios)),
+      'ci95': [low, high],
+      'temp_bytes': r.memory['temp'],
+      'compile_s': r.compile_s,
+    }
+  return dict(rounds=rounds, steps=steps, cases=cases)
+
+
 def ratio(by_name: dict, name: str, ref: str) -> dict[str, float]:
   """Median over rounds of ``time(name) / time(ref)`` (same round), with a 95% interval."""
   per_round = np.asarray(by_name[name]['times_ms']) / np.asarray(by_name[ref]['times_ms'])

@@ -72,6 +72,7 @@ NAMES = (
   'gcsam',
   'unifiedsam',
   'lookbehind',
+  'sampa',
 )
 # Radii when an optimizer is named without one.
 DEFAULT_RHO = {'asam': 1.0, 'msam': 0.3}
@@ -347,10 +348,14 @@ def build_train(spec: Spec, setting: Setting, data: Data, epochs: int):
   # Momentum-SAM holds perturbed weights; every other optimizer here holds the clean ones.
   clean_of = optax_sam.clean_params if spec.name == 'msam' else (lambda params, state: params)
 
-  def step(carry, index):
+  def step(carry, indices):
     params, state, y_train = carry
+    previous, index = indices
     batch = (x_train[index], y_train[index])
-    if spec.m is not None:
+    if spec.name == 'sampa':  # the perturbed point on the previous batch, as the official loop
+      pair = optax_sam.batch_pair(grad, (x_train[previous], y_train[previous]), batch)
+      updates, state = tx.update(None, state, params, grad_fn=pair)
+    elif spec.m is not None:
       groups = optax_sam.micro_batches(grad, batch, spec.m, route='vmap')
       updates, state = tx.update(None, state, params, grad_fn=groups)
     elif is_sam and spec.name != 'msam':
@@ -366,7 +371,8 @@ def build_train(spec: Spec, setting: Setting, data: Data, epochs: int):
     wrong = (y_train != clean_train).astype(jnp.float32)
 
     def epoch(carry, order):
-      carry, _ = jax.lax.scan(step, carry, order)
+      previous = jnp.concatenate([order[:1], order[:-1]])  # the first batch pairs with itself
+      carry, _ = jax.lax.scan(step, carry, (previous, order))
       params, state, _ = carry
       clean = clean_of(params, state)
       # Per epoch, the training accuracies on the first CURVE_EXAMPLES examples only (cheaper).

@@ -22,7 +22,6 @@ time per step to ``sam``'s, with a bootstrap 95% interval, and the compiled temp
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import optax_sam
@@ -77,36 +76,8 @@ def measure(
     for c in build(model, group_sizes)
   ]
   log(f'\n== {model.name}: {model.description}, batch {model.batch_size}')
-  estimate = {}
-  for r in runners:
-    r.run(settings.warmup_steps)
-    estimate[r.case.name] = r.run(1)
-  steps = max(1, round(settings.measure_s / estimate['sam']))
-  round_s = steps * sum(estimate.values())
-  rounds = int(np.clip(settings.budget_s // max(round_s, 1e-9), settings.min_rounds, 101))
-  log(f'  timing: {rounds} rounds x {steps} steps per case (~{round_s:.2f} s per round)')
-  times = harness.interleaved(runners, rounds, steps, log)
-  sam_t = np.asarray(times['sam'])
-  cases = {}
-  for r in runners:
-    t = np.asarray(times[r.case.name])
-    ratios = t / sam_t
-    low, high = harness.bootstrap_ci(ratios)
-    cases[r.case.name] = dict(
-      time_ms=float(np.median(t) * 1e3),
-      ratio_vs_sam=float(np.median(ratios)),
-      ci95=[low, high],
-      temp_bytes=r.memory['temp'],
-      compile_s=r.compile_s,
-    )
-  return dict(
-    name=model.name,
-    description=model.description,
-    batch_size=model.batch_size,
-    rounds=rounds,
-    steps=steps,
-    cases=cases,
-  )
+  timed = harness.side_by_side(runners, 'sam', settings, log)
+  return dict(name=model.name, description=model.description, batch_size=model.batch_size, **timed)
 
 
 def markdown(results: list) -> str:

@@ -26,6 +26,7 @@ THETA, VASSO_EPS = 0.9, 1e-7  # VaSSO's defaults
 UNIFIED_RHO = 0.1  # unified_sam's default radius (its default lmbda = 1 is SAM's ascent)
 WSAM_WEIGHT = 0.9 / (1 - 0.9)  # WSAM's gamma / (1 - gamma) at gamma = 0.9
 LEARNING_RATE = 0.1  # benchmarks.cases.LEARNING_RATE, WSAM's decoupled term's rate
+SAMPA_RHO, SAMPA_LMBDA = 0.1, 0.2  # sampa's defaults
 
 
 class Math(NamedTuple):
@@ -173,3 +174,43 @@ def reference_step(model: Model, base: optax.GradientTransformation, math: Math)
     )
 
   return init, step
+
+
+def sampa_step(model: Model, base: optax.GradientTransformation):
+  """``(init, step)`` of SAMPa written out: two gradients side by side (one vmap), one update.
+
+  The state is ``(count, d, base_state)``; the clean loss is computed for the report (a forward
+  pass, as in every case), its gradient is not.
+  """
+  grad_only = lambda p, model_state, batch: jax.grad(model.loss, has_aux=True)(
+    p, model_state, batch
+  )[0]
+
+  def init(params):
+    return jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params), base.init(params)
+
+  def step(params, opt_state, model_state, batch):
+    count, d, base_state = opt_state
+    loss, new_model_state = model.loss(params, model_state, batch)
+    scale = SAMPA_RHO / (optax.tree.norm(d) + EPS)
+    perturbed = jax.tree.map(lambda w, v: w + scale * v, params, d)
+    tentative, _ = base.update(d, base_state, params)
+    first = (count > 0).astype(jnp.float32)
+    auxiliary = jax.tree.map(lambda w, u: w + first * u, params, tentative)
+    pair = jax.tree.map(lambda a, b: jnp.stack([a, b]), perturbed, auxiliary)
+    grads = jax.vmap(lambda p: grad_only(p, model_state, batch))(pair)
+    mixed = jax.tree.map(lambda g: (1 - SAMPA_LMBDA) * g[0] + SAMPA_LMBDA * g[1], grads)
+    updates, base_state = base.update(mixed, base_state, params)
+    d = jax.tree.map(lambda g: g[1], grads)
+    return (
+      optax.apply_updates(params, updates),
+      (count + 1, d, base_state),
+      new_model_state,
+      loss,
+    )
+
+  return init, step
+
+
+# The variants whose step is not an ascent and a correction: their own hand-written step.
+STEPS = {'sampa': sampa_step}

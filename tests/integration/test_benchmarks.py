@@ -9,7 +9,7 @@ from benchmarks import references, run
 
 VARIANTS = [v.name for v in cases_lib.VARIANTS]
 TWO_PHASE = [v.name for v in cases_lib.VARIANTS if v.two_phase]  # Lookbehind-SAM has none
-REFERENCED = [v for v in VARIANTS if v in references.MATH]  # with a hand-written same-math step
+REFERENCED = [v for v in VARIANTS if v in {**references.MATH, **references.STEPS}]  # hand-written
 
 
 @pytest.fixture(scope='module')
@@ -75,6 +75,7 @@ def test_memory_is_exact(output):
     assert arg(f'{v}/1call') == arg('minimal')
   assert arg('fsam/1call') - arg('sam/1call') == p + 4
   assert arg('fsam+stable/1call') - arg('sam/1call') == p + 4
+  assert arg('sampa/1call') - arg('sam/1call') == p + 4  # SAMPa's direction d and its count
   # Two-phase mode adds the clean weights, the int32 phase and the correction's prepared value.
   assert arg('sam/2phase') - arg('sam/1call') == p + 4
   assert arg('usam/2phase') - arg('sam/1call') == p + 4
