@@ -174,3 +174,31 @@ def test_preconditioned_functional_sam_composes():
       w = optax.apply_updates(w, u)
     assert np.isfinite(float(loss))
     assert float(output_loss(output_fn(w))) < float(output_loss(output_fn(params)))
+
+
+# ----------------------------------------------------------------------- the two paths
+
+
+def test_sam_gradient_paths_add_up_and_vanish_where_they_should():
+  with jax.enable_x64(True):
+    params, output_fn, output_loss = mlp_problem()
+    paths = optax_sam.sharpness.sam_gradient_paths(output_fn, output_loss, params, 0.3)
+    grad = jax.grad(lambda p: output_loss(output_fn(p)))
+    g = grad(params)
+    e = jax.tree.map(lambda v: 0.3 * v / (optax.tree.norm(g) + 1e-12), g)
+    perturbed = jax.tree.map(jnp.add, params, e)
+    functional = optax.tree.sub(
+      dense_functional_gradient(output_fn, output_loss, params, perturbed), g
+    )
+    logit = optax.tree.sub(optax.tree.sub(grad(perturbed), g), functional)
+    assert float(paths.functional_norm) == pytest.approx(float(optax.tree.norm(functional)))
+    assert float(paths.logit_norm) == pytest.approx(float(optax.tree.norm(logit)))
+    assert float(paths.grad_norm) == pytest.approx(float(optax.tree.norm(g)))
+    share = paths.logit_norm / (paths.logit_norm + paths.functional_norm)
+    assert float(paths.logit_share) == pytest.approx(float(share))
+    # A loss linear in the outputs has a constant output gradient: no logit path.
+    linear = optax_sam.sharpness.sam_gradient_paths(
+      output_fn, lambda z: jnp.sum(z * jnp.arange(3.0)), params, 0.3
+    )
+    assert float(linear.logit_norm) < 1e-12 < float(linear.functional_norm)
+    assert float(linear.logit_share) == 0.0

@@ -799,7 +799,7 @@ LOOKBEHIND_CASES = [
 SAMPA_LOOP = (
   "train.run(args) of the official train.py, unmodified, in two threads standing for Fabric's "
   'two ranks (all_reduce sums across them); get_dataset/get_model/lightning.fabric are stand-ins '
-  '(our batches, TinyNet, no-op setup); args: epochs=1, lr=0.1, momentum=0.9 and the case\'s rho, '
+  "(our batches, TinyNet, no-op setup); args: epochs=1, lr=0.1, momentum=0.9 and the case's rho, "
   'og (lambda) and weight_decay. One epoch of SAMPA_BATCHES batches = the steps recorded.'
 )
 SAMPA_BATCHES = 5  # batch t: rows (3 t + i) % 16, i < 8, of x; labels argmax(y, 1)

@@ -5,13 +5,14 @@ Hessian-vector products of ``loss_fn`` at ``params`` and never form the
 Hessian.
 """
 
+from collections.abc import Callable
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from optax_sam._src import numerics
-from optax_sam._src.diagnostics import chunking, tree_basis
+from optax_sam._src.diagnostics import chunking, trace_estimators, tree_basis
 from optax_sam._src.diagnostics import hvp as hvp_lib
 from optax_sam._src.diagnostics import lanczos as lanczos_lib
 
@@ -145,11 +146,57 @@ def hessian_eigenvalues(
     Ghorbani et al., 2019, "An Investigation into Neural Net Optimization via
     Hessian Eigenvalue Density": https://arxiv.org/abs/1901.10159
   """
+  chunking.check_num_chunks(num_chunks)
+  hvp = hvp_lib.hvp_fn(loss_fn, params, batch, num_chunks)
+  return eigenvalues(hvp, params, key=key, k=k, num_steps=num_steps, which=which, unroll=unroll)
+
+
+def eigenvalues(
+  matvec: Callable[[Any], Any],
+  params: Any,
+  *,
+  key: jax.Array,
+  k: int = 1,
+  num_steps: Optional[int] = None,
+  which: str = 'largest',
+  unroll: bool = False,
+) -> HessianEigenvalues:
+  r"""The ``k`` leading eigenvalues and eigenvectors of a symmetric operator, by Lanczos.
+
+  :func:`hessian_eigenvalues` for any product ``matvec(v) -> Mv`` on vectors
+  like ``params``: :func:`hessian_operator`, :func:`ggn_operator`,
+  :func:`fisher_operator` or a user's own (see :func:`hessian_eigenvalues` for
+  the method, its convergence and its cost: ``num_steps`` products).
+
+  Args:
+    matvec: ``matvec(v) -> Mv`` for ``v`` like ``params`` (symmetric :math:`M`).
+    params: a template of the vectors (their structure, shapes and dtypes).
+    key: PRNG key of the starting vector (and of restarts after breakdown).
+    k: number of eigenpairs returned, ``1 <= k <= min(num_steps, #params)``
+      (static).
+    num_steps: Lanczos steps (static); ``None``: ``20 + 2 k``.
+    which: ``'largest'`` (algebraic) or ``'magnitude'``.
+    unroll: unroll the Lanczos loop (static).
+
+  Returns:
+    A :class:`HessianEigenvalues` (of ``matvec``'s operator).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from optax_sam import sharpness
+    >>> a = jnp.array([[2.0, 1.0], [1.0, 2.0]])
+    >>> r = sharpness.eigenvalues(lambda v: a @ v, jnp.zeros(2), key=jax.random.key(0), k=2)
+    >>> print(jnp.round(r.eigenvalues, 4))
+    [3. 1.]
+
+  References:
+    Lanczos, 1950 (J. Res. Nat. Bur. Standards 45); Golub and Van Loan,
+    "Matrix Computations", 4th ed., section 10.1.
+  """
   numerics.check_integer('k', k)
   if num_steps is None:
     num_steps = DEFAULT_EIGEN_STEPS + 2 * k
   numerics.check_integer('num_steps', num_steps)
-  chunking.check_num_chunks(num_chunks)
   if which not in ('largest', 'magnitude'):
     raise ValueError(f"which must be 'largest' or 'magnitude', got {which!r}.")
   n = hvp_lib.num_params(params)
@@ -157,10 +204,9 @@ def hessian_eigenvalues(
     raise ValueError(
       f'k must be <= min(num_steps, number of parameters) = {min(num_steps, n)}, got {k}.'
     )
-  hvp = hvp_lib.hvp_fn(loss_fn, params, batch, num_chunks)
   start_key, restart_key = jax.random.split(key)
   v0 = hvp_lib.random_like(start_key, params, 'normal')
-  run = lanczos_lib.lanczos(hvp, v0, num_steps, restart_key, unroll=unroll)
+  run = lanczos_lib.lanczos(matvec, v0, num_steps, restart_key, unroll=unroll)
   values, vectors, ok = lanczos_lib.tridiagonal_eigh(run.alphas, run.betas, run.valid)
   score = values if which == 'largest' else jnp.abs(values)
   order = jnp.argsort(jnp.where(ok, -score, jnp.inf))
@@ -197,6 +243,75 @@ def hessian_eigenvalues(
     krylov_dim=jnp.sum(run.valid.astype(jnp.int32)),
     converged=converged,
   )
+
+
+def eigenvalues_per_leaf(
+  matvec: Callable[[Any], Any],
+  params: Any,
+  *,
+  key: jax.Array,
+  k: int = 1,
+  num_steps: Optional[int] = None,
+  which: str = 'largest',
+) -> Any:
+  r"""The leading eigenvalues of the diagonal block of each leaf (a layer's own curvature).
+
+  For leaf :math:`\ell` with its coordinates selected by :math:`P_\ell`, the
+  operator restricted to the leaf, :math:`M_{\ell\ell} = P_\ell M
+  P_\ell^\top` (the other leaves set to zero, the product's other leaves
+  dropped), goes through :func:`eigenvalues`. Its eigenvalues interlace
+  :math:`M`'s: :math:`\lambda_{\max}(M_{\ell\ell}) \le \lambda_{\max}(M)`.
+
+  Cost: ``num_steps`` products of ``matvec`` per leaf (each a full product);
+  leaves run one after another, each with its own ``fold_in(key, i)``.
+
+  Args:
+    matvec: ``matvec(v) -> Mv`` for ``v`` like ``params`` (symmetric :math:`M`).
+    params: a template of the vectors (their structure, shapes and dtypes).
+    key: PRNG key.
+    k: eigenpairs per leaf (static), at most the leaf's size (smaller leaves
+      get as many as they have entries).
+    num_steps: Lanczos steps per leaf (static); ``None``: ``20 + 2 k``.
+    which: ``'largest'`` (algebraic) or ``'magnitude'``.
+
+  Returns:
+    A pytree like ``params`` with a :class:`HessianEigenvalues` in place of
+    each leaf (its eigenvectors shaped like the leaf, with a leading axis).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from optax_sam import sharpness
+    >>> scales = {'a': jnp.array([1.0, 4.0]), 'b': jnp.array([2.0, 3.0, 0.5])}
+    >>> matvec = lambda v: jax.tree.map(jnp.multiply, scales, v)
+    >>> r = sharpness.eigenvalues_per_leaf(matvec, scales, key=jax.random.key(0))
+    >>> print(jnp.round(r['a'].eigenvalues, 4), jnp.round(r['b'].eigenvalues, 4))
+    [4.] [3.]
+
+  References:
+    Sankar et al., 2021, `A Deeper Look at the Hessian Eigenspectrum of Deep
+    Neural Networks and its Applications to Regularization
+    <https://arxiv.org/abs/2012.03801>`_ (layer-wise Hessian spectra).
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  results = []
+  for i, leaf in enumerate(leaves):
+
+    def restricted(u, i=i):
+      parts = [u if j == i else jnp.zeros_like(x) for j, x in enumerate(leaves)]
+      return jax.tree.leaves(matvec(jax.tree.unflatten(treedef, parts)))[i]
+
+    size = int(jnp.size(leaf))
+    results.append(
+      eigenvalues(
+        restricted,
+        leaf,
+        key=jax.random.fold_in(key, i),
+        k=min(k, size),
+        num_steps=num_steps,
+        which=which,
+      )
+    )
+  return jax.tree.unflatten(treedef, results)
 
 
 def _converged(score: jax.Array, residuals: jax.Array, ok: jax.Array, k: int) -> jax.Array:
@@ -288,15 +403,56 @@ def hessian_spectral_density(
     matrices", SIAM Review 58; Ghorbani et al., 2019:
     https://arxiv.org/abs/1901.10159
   """
-  numerics.check_integer('num_probes', num_probes)
-  numerics.check_integer('num_steps', num_steps)
   chunking.check_num_chunks(num_chunks)
   hvp = hvp_lib.hvp_fn(loss_fn, params, batch, num_chunks)
+  return spectral_density(hvp, params, key=key, num_probes=num_probes, num_steps=num_steps)
+
+
+def spectral_density(
+  matvec: Callable[[Any], Any],
+  params: Any,
+  *,
+  key: jax.Array,
+  num_probes: int = DEFAULT_SLQ_PROBES,
+  num_steps: int = DEFAULT_SLQ_STEPS,
+) -> SpectralDensity:
+  r"""The eigenvalue density of a symmetric operator by stochastic Lanczos quadrature.
+
+  :func:`hessian_spectral_density` for any product ``matvec(v) -> Mv`` (see
+  there for the method). Evaluate a smoothed density with
+  :func:`spectral_density_on_grid` and spectral sums :math:`\operatorname{tr}
+  f(M)` with their standard errors with :func:`spectral_sum`.
+
+  Args:
+    matvec: ``matvec(v) -> Mv`` for ``v`` like ``params`` (symmetric :math:`M`).
+    params: a template of the vectors (their structure, shapes and dtypes).
+    key: PRNG key of the probes.
+    num_probes: number of probe vectors (static).
+    num_steps: Lanczos steps per probe (static).
+
+  Returns:
+    A :class:`SpectralDensity`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from optax_sam import sharpness
+    >>> d = sharpness.spectral_density(lambda v: jnp.array([1.0, 2.0, 3.0]) * v,
+    ...                                jnp.zeros(3), key=jax.random.key(0), num_probes=2)
+    >>> print(jnp.round(jnp.sum(d.weights * d.nodes, axis=1), 4))  # tr(M) / n = 2
+    [2. 2.]
+
+  References:
+    Golub and Meurant, "Matrices, Moments and Quadrature with Applications",
+    2010; Ubaru, Chen and Saad, 2017, "Fast Estimation of tr(f(A)) via
+    Stochastic Lanczos Quadrature", SIAM J. Matrix Anal. Appl. 38.
+  """
+  numerics.check_integer('num_probes', num_probes)
+  numerics.check_integer('num_steps', num_steps)
 
   def one_probe(probe_key):
     start_key, restart_key = jax.random.split(probe_key)
     v0 = hvp_lib.random_like(start_key, params, 'rademacher')
-    run = lanczos_lib.lanczos(hvp, v0, num_steps, restart_key)
+    run = lanczos_lib.lanczos(matvec, v0, num_steps, restart_key)
     values, vectors, ok = lanczos_lib.tridiagonal_eigh(run.alphas, run.betas, run.valid)
     weights = jnp.where(ok, vectors[0] ** 2, 0)
     return jnp.where(ok, values, 0), weights
@@ -344,3 +500,47 @@ def spectral_density_on_grid(
   z = (grid[:, None, None] - density.nodes[None]) / sigma
   kernel = jnp.exp(-0.5 * z**2) / (sigma * jnp.sqrt(2 * jnp.pi))
   return jnp.sum(kernel * density.weights[None], axis=(1, 2)) / density.nodes.shape[0]
+
+
+def spectral_sum(
+  density: SpectralDensity, fn: Callable[[jax.Array], jax.Array], dim: int
+) -> trace_estimators.HessianTrace:
+  r"""The spectral sum :math:`\operatorname{tr} f(M) = \sum_i f(\lambda_i)` from SLQ, with an error.
+
+  Each probe's Gauss quadrature rule gives :math:`n \sum_i \tau_i f(\theta_i)
+  \approx z^\top f(M) z` (the probes are Rademacher vectors of norm
+  :math:`\sqrt n`), an unbiased Hutchinson sample of :math:`\operatorname{tr}
+  f(M)` up to the quadrature error (0 for polynomials of degree below
+  ``2 num_steps``); the estimate is their mean and ``stderr`` their standard
+  error across probes, which covers the probe noise, not the quadrature
+  error. ``fn=jnp.log`` gives the log-determinant of a positive definite
+  :math:`M`; ``fn=lambda t: t ** 2`` the squared Frobenius norm.
+
+  Args:
+    density: a :class:`SpectralDensity` with at least 2 probes.
+    fn: an elementwise function of the eigenvalues.
+    dim: :math:`n`, the number of parameters.
+
+  Returns:
+    A :class:`HessianTrace` (the estimate of :math:`\operatorname{tr} f(M)`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from optax_sam import sharpness
+    >>> d = sharpness.spectral_density(lambda v: jnp.array([1.0, 2.0, 4.0]) * v,
+    ...                                jnp.zeros(3), key=jax.random.key(0), num_probes=2)
+    >>> r = sharpness.spectral_sum(d, jnp.log, dim=3)  # log det = log 8
+    >>> print(f'{float(r.estimate):.4f} +- {float(r.stderr):.4f}')
+    2.0794 +- 0.0000
+
+  References:
+    Ubaru, Chen and Saad, 2017, "Fast Estimation of tr(f(A)) via Stochastic
+    Lanczos Quadrature", SIAM J. Matrix Anal. Appl. 38.
+  """
+  numerics.check_integer('dim', dim)
+  if density.nodes.shape[0] < 2:
+    raise ValueError(f'spectral_sum needs >= 2 probes, got {density.nodes.shape[0]}.')
+  used = density.weights > 0
+  values = jnp.where(used, fn(jnp.where(used, density.nodes, 1)), 0)
+  samples = dim * jnp.sum(density.weights * values, axis=1)
+  return trace_estimators.HessianTrace(*trace_estimators._mean_and_stderr(samples))

@@ -1,12 +1,13 @@
-"""Randomized estimates of the Hessian's trace: Hutchinson and Hutch++, with standard errors."""
+"""Randomized trace estimates with standard errors: Hutchinson, Hutch++, XTrace, XNysTrace."""
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from optax_sam._src import numerics
-from optax_sam._src.diagnostics import chunking, tree_basis
+from optax_sam._src.diagnostics import chunking, exchangeable, tree_basis
 from optax_sam._src.diagnostics import hvp as hvp_lib
 from optax_sam._src.diagnostics import lanczos as lanczos_lib
 
@@ -14,11 +15,11 @@ DEFAULT_TRACE_PROBES = 60
 
 
 class HessianTrace(NamedTuple):
-  """Output of :func:`hessian_trace`.
+  """Output of :func:`trace`, :func:`hessian_trace` and :func:`spectral_sum`.
 
   Attributes:
     estimate: the trace estimate.
-    stderr: its standard error (see :func:`hessian_trace` for Hutch++).
+    stderr: its standard error (see :func:`trace` for what it covers per method).
   """
 
   estimate: jax.Array
@@ -26,10 +27,154 @@ class HessianTrace(NamedTuple):
 
 
 def _mean_and_stderr(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The mean over the leading axis and its standard error (sample std over sqrt of the count)."""
   n = samples.shape[0]
-  mean = jnp.mean(samples)
-  std = jnp.sqrt(jnp.sum((samples - mean) ** 2) / (n - 1))
+  mean = jnp.mean(samples, axis=0)
+  std = jnp.sqrt(jnp.sum((samples - mean) ** 2, axis=0) / (n - 1))
   return mean, std / jnp.sqrt(n)
+
+
+METHODS = ('hutchinson', 'hutch++', 'xtrace', 'xnystrace')
+_MIN_PROBES = {'hutchinson': 2, 'hutch++': 4, 'xtrace': 4, 'xnystrace': 2}
+
+
+def trace(
+  matvec: Callable[[Any], Any],
+  params: Any,
+  *,
+  key: jax.Array,
+  num_probes: int = DEFAULT_TRACE_PROBES,
+  method: str = 'hutchinson',
+) -> HessianTrace:
+  r"""The trace of a symmetric operator :math:`M`, by Hutchinson, Hutch++, XTrace or XNysTrace.
+
+  ``matvec`` is any product :math:`v \mapsto M v` on vectors like ``params``:
+  :func:`hessian_operator`, :func:`ggn_operator`, :func:`fisher_operator` or
+  a user's own. Every method spends ``num_probes`` products on Rademacher
+  probes and reports a standard error.
+
+  *Hutchinson*: with :math:`N` probes :math:`z_i`,
+
+  .. math::
+
+    \widehat{\operatorname{tr}} = \frac{1}{N} \sum_i z_i^\top M z_i, \qquad
+    \mathrm{se} = \frac{s}{\sqrt N},
+
+  :math:`s` the sample standard deviation of the :math:`z_i^\top M z_i`. It is
+  unbiased, exact when :math:`M` is diagonal (every sample is the trace, so
+  ``stderr`` is 0), and its variance is :math:`2 \sum_{i \ne j} M_{ij}^2 / N`.
+
+  *Hutch++* (Meyer et al.) spends the :math:`N` products in three parts:
+  :math:`s = \lfloor N / 3 \rfloor` products :math:`Y = M S` of a sketch, an
+  orthonormal basis :math:`Q` of :math:`Y` (rank revealed), :math:`s` products
+  for the exact :math:`\operatorname{tr}(Q^\top M Q)`, and the :math:`N - 2s`
+  left for Hutchinson on the deflated :math:`(I - QQ^\top) M (I - QQ^\top)`:
+
+  .. math::
+
+    \widehat{\operatorname{tr}} = \operatorname{tr}(Q^\top M Q) +
+    \frac{1}{N - 2s} \sum_i g_i^\top (I - QQ^\top) M (I - QQ^\top) g_i.
+
+  Its ``stderr`` is the standard error of the deflated part *conditional on
+  the sketch*; it is exact (0 error, 0 stderr) when :math:`M` has rank at most
+  :math:`s`.
+
+  *XTrace* (Epperly et al.) uses every probe both ways: with
+  :math:`m = \lfloor N / 2 \rfloor` probes it averages the :math:`m`
+  leave-one-out estimates :math:`\hat t_i = \operatorname{tr}(Q_{(i)}^\top M
+  Q_{(i)}) + \omega_i^\top (I - Q_{(i)} Q_{(i)}^\top) M (I - Q_{(i)}
+  Q_{(i)}^\top) \omega_i`, :math:`Q_{(i)}` an orthonormal basis of
+  :math:`M \Omega_{-i}` (see :mod:`~optax_sam._src.diagnostics.exchangeable`),
+  and its ``stderr`` is the standard error of the :math:`\hat t_i`, which
+  accounts for the sketch's error too. It is exact (0 stderr) when
+  :math:`m - 1` is at least the rank of :math:`M`, so in particular when
+  ``num_probes >= 2 (n + 1)`` for ``n`` parameters.
+
+  *XNysTrace*, for positive semi-definite :math:`M` (a GGN, a Fisher, a
+  Hessian at a minimum): the same with Nystrom approximations
+  :math:`M \Omega_{-i} (\Omega_{-i}^\top M \Omega_{-i})^{-1} \Omega_{-i}^\top M`
+  instead of projections, so all :math:`N` products serve as probes. Exact up
+  to rounding when :math:`M` has rank below :math:`N`;
+  ``num_probes <= n`` (a Nystrom sketch of more probes than parameters is
+  singular).
+
+  Cost: ``num_probes`` products (default 60) and, besides Hutchinson, stored
+  vectors: ``num_probes // 3`` (Hutch++), ``2 num_probes`` (XTrace, four
+  bases of ``num_probes // 2``), ``2 num_probes`` (XNysTrace).
+
+  Args:
+    matvec: ``matvec(v) -> Mv`` for ``v`` like ``params`` (symmetric :math:`M`).
+    params: a template of the vectors (their structure, shapes and dtypes).
+    key: PRNG key of the probes.
+    num_probes: number of products (static; ``>= 2`` for Hutchinson and
+      XNysTrace, ``>= 4`` for Hutch++ and XTrace, so that the error can be
+      estimated).
+    method: ``'hutchinson'``, ``'hutch++'``, ``'xtrace'`` or ``'xnystrace'``.
+
+  Returns:
+    A :class:`HessianTrace` (the trace of ``matvec``'s operator).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from optax_sam import sharpness
+    >>> a = jnp.array([[2.0, 1.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 1.0]])
+    >>> r = sharpness.trace(lambda v: a @ v, jnp.zeros(3), key=jax.random.key(0),
+    ...                     num_probes=10, method='xtrace')  # 5 probes > 3 + 1: exact
+    >>> print(f'{float(r.estimate):.3f} +- {float(r.stderr):.3f}')
+    5.000 +- 0.000
+
+  References:
+    Hutchinson, 1990, "A stochastic estimator of the trace of the influence
+    matrix for Laplacian smoothing splines", Comm. Statist. Simulation
+    Comput. 19; Meyer, Musco, Musco and Woodruff, 2021, `Hutch++: Optimal
+    Stochastic Trace Estimation <https://arxiv.org/abs/2010.09649>`_;
+    Epperly, Tropp and Webber, 2024, `XTrace: Making the most of every sample
+    in stochastic trace estimation <https://arxiv.org/abs/2301.07825>`_.
+  """
+  if method not in METHODS:
+    raise ValueError(f'method must be one of {METHODS}, got {method!r}.')
+  numerics.check_integer(f'num_probes (for {method})', num_probes, _MIN_PROBES[method])
+  n = hvp_lib.num_params(params)
+  if method == 'xnystrace' and num_probes > n:
+    raise ValueError(
+      f'num_probes (for xnystrace) must be <= the number of parameters {n}, got {num_probes}.'
+    )
+  dtype = numerics.accumulation_dtype(params)
+
+  def quadratic_form(z):
+    return numerics.vdot(z, matvec(z)).astype(dtype)
+
+  if method == 'hutchinson':
+    keys = jax.random.split(key, num_probes)
+    samples = jax.lax.map(
+      lambda k: quadratic_form(hvp_lib.random_like(k, params, 'rademacher')), keys
+    )
+    estimate, stderr = _mean_and_stderr(samples)
+    return HessianTrace(estimate=estimate, stderr=stderr)
+  if method == 'xtrace':
+    samples = exchangeable.xtrace_samples(exchangeable.sketch(matvec, params, key, num_probes // 2))
+    estimate, stderr = _mean_and_stderr(samples.astype(dtype))
+    return HessianTrace(estimate=estimate, stderr=stderr)
+  if method == 'xnystrace':
+    samples = exchangeable.xnystrace_samples(matvec, params, key, num_probes)
+    estimate, stderr = _mean_and_stderr(samples.astype(dtype))
+    return HessianTrace(estimate=estimate, stderr=stderr)
+
+  s = num_probes // 3
+  sketch_key, probe_key = jax.random.split(key)
+  sketch = jax.lax.map(
+    lambda k: matvec(hvp_lib.random_like(k, params, 'rademacher')), jax.random.split(sketch_key, s)
+  )
+  q, _ = tree_basis.orthonormalize(sketch, lanczos_lib.default_rtol(dtype))
+  exact_part = jnp.sum(jax.lax.map(quadratic_form, q))
+
+  def deflated(k):
+    g = tree_basis.project_out(q, hvp_lib.random_like(k, params, 'rademacher'))
+    return quadratic_form(g)
+
+  samples = jax.lax.map(deflated, jax.random.split(probe_key, num_probes - 2 * s))
+  mean, stderr = _mean_and_stderr(samples)
+  return HessianTrace(estimate=exact_part + mean, stderr=stderr)
 
 
 def hessian_trace(
@@ -42,48 +187,21 @@ def hessian_trace(
   method: str = 'hutchinson',
   num_chunks: int = 1,
 ) -> HessianTrace:
-  r"""The trace of the loss Hessian, by Hutchinson's or the Hutch++ estimator.
+  r"""The trace of the loss Hessian :math:`H = \nabla^2_w L(w, B)`, with a standard error.
 
-  *Hutchinson*: with :math:`N` Rademacher probes :math:`z_i`,
+  :func:`trace` of :func:`hessian_operator`: Hutchinson's estimator, Hutch++,
+  XTrace or XNysTrace (see :func:`trace` for each, its error estimate and
+  when it is exact).
 
-  .. math::
-
-    \widehat{\operatorname{tr}} = \frac{1}{N} \sum_i z_i^\top H z_i, \qquad
-    \mathrm{se} = \frac{s}{\sqrt N},
-
-  :math:`s` the sample standard deviation of the :math:`z_i^\top H z_i`. It is
-  unbiased, exact when :math:`H` is diagonal (every sample is the trace, so
-  ``stderr`` is 0), and its variance is :math:`2 \sum_{i \ne j} H_{ij}^2 / N`.
-
-  *Hutch++* (Meyer et al.) spends the :math:`N` products in three parts:
-  :math:`s = \lfloor N / 3 \rfloor` products :math:`Y = H S` of a Rademacher
-  sketch, an orthonormal basis :math:`Q` of :math:`Y` (rank revealed: a
-  Hessian of rank :math:`r < s` gives :math:`r` columns), :math:`s` products
-  for the exact trace of :math:`Q^\top H Q`, and the :math:`N - 2s` left for
-  Hutchinson on the deflated :math:`(I - QQ^\top) H (I - QQ^\top)`:
-
-  .. math::
-
-    \widehat{\operatorname{tr}} = \operatorname{tr}(Q^\top H Q) +
-    \frac{1}{N - 2s} \sum_i g_i^\top (I - QQ^\top) H (I - QQ^\top) g_i.
-
-  Its ``stderr`` is the standard error of the deflated Hutchinson part
-  *conditional on the sketch* (the first term has no variance given
-  :math:`Q`); it is exact (0 error, 0 stderr) when :math:`H` has rank at most
-  :math:`s`, and its error falls as :math:`1/N` rather than
-  :math:`1/\sqrt N` when the spectrum decays fast.
-
-  Cost: ``num_probes`` Hessian-vector products (default 60); Hutch++ also
-  stores ``num_probes // 3`` parameter copies.
+  Cost: ``num_probes`` Hessian-vector products (default 60).
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``.
     params: the point :math:`w`.
     batch: the data.
     key: PRNG key of the probes.
-    num_probes: number of Hessian-vector products (static; ``>= 2`` for
-      Hutchinson, ``>= 4`` for Hutch++, so that the error can be estimated).
-    method: ``'hutchinson'`` or ``'hutch++'``.
+    num_probes: number of Hessian-vector products (static), see :func:`trace`.
+    method: ``'hutchinson'``, ``'hutch++'``, ``'xtrace'`` or ``'xnystrace'``.
     num_chunks: chunks per product (static), see
       :func:`optax_sam.sharpness.hessian_eigenvalues`.
 
@@ -100,43 +218,11 @@ def hessian_trace(
     6.000 +- 0.000
 
   References:
-    Hutchinson, 1990, "A stochastic estimator of the trace of the influence
-    matrix for Laplacian smoothing splines", Comm. Statist. Simulation
-    Comput. 19; Meyer, Musco, Musco and Woodruff, 2021, "Hutch++: Optimal
-    Stochastic Trace Estimation": https://arxiv.org/abs/2010.09649;
-    Yao et al., 2020, "PyHessian": https://arxiv.org/abs/1912.07145
+    Hutchinson, 1990 (Comm. Statist. Simulation Comput. 19); Meyer et al.,
+    2021, `Hutch++ <https://arxiv.org/abs/2010.09649>`_; Epperly et al., 2024,
+    `XTrace <https://arxiv.org/abs/2301.07825>`_; Yao et al., 2020,
+    `PyHessian <https://arxiv.org/abs/1912.07145>`_.
   """
   chunking.check_num_chunks(num_chunks)
-  if method not in ('hutchinson', 'hutch++'):
-    raise ValueError(f"method must be 'hutchinson' or 'hutch++', got {method!r}.")
-  low = 2 if method == 'hutchinson' else 4
-  numerics.check_integer(f'num_probes (for {method})', num_probes, low)
   hvp = hvp_lib.hvp_fn(loss_fn, params, batch, num_chunks)
-  dtype = numerics.accumulation_dtype(params)
-
-  def quadratic_form(z):
-    return numerics.vdot(z, hvp(z)).astype(dtype)
-
-  if method == 'hutchinson':
-    keys = jax.random.split(key, num_probes)
-    samples = jax.lax.map(
-      lambda k: quadratic_form(hvp_lib.random_like(k, params, 'rademacher')), keys
-    )
-    estimate, stderr = _mean_and_stderr(samples)
-    return HessianTrace(estimate=estimate, stderr=stderr)
-
-  s = num_probes // 3
-  sketch_key, probe_key = jax.random.split(key)
-  sketch = jax.lax.map(
-    lambda k: hvp(hvp_lib.random_like(k, params, 'rademacher')), jax.random.split(sketch_key, s)
-  )
-  q, _ = tree_basis.orthonormalize(sketch, lanczos_lib.default_rtol(dtype))
-  exact_part = jnp.sum(jax.lax.map(quadratic_form, q))
-
-  def deflated(k):
-    g = tree_basis.project_out(q, hvp_lib.random_like(k, params, 'rademacher'))
-    return quadratic_form(g)
-
-  samples = jax.lax.map(deflated, jax.random.split(probe_key, num_probes - 2 * s))
-  mean, stderr = _mean_and_stderr(samples)
-  return HessianTrace(estimate=exact_part + mean, stderr=stderr)
+  return trace(hvp, params, key=key, num_probes=num_probes, method=method)

@@ -64,7 +64,9 @@ def gram(basis_a: Any, basis_b: Any) -> jax.Array:
   """The matrix of inner products ``<a_i, b_j>``, shape ``[m_a, m_b]``."""
   dtype = numerics.accumulation_dtype((basis_a, basis_b))
   parts = [
-    jnp.tensordot(a.astype(dtype), b.astype(dtype), axes=(range(1, a.ndim), range(1, b.ndim)))
+    jnp.tensordot(
+      a.astype(dtype), b.astype(dtype), axes=(tuple(range(1, a.ndim)), tuple(range(1, b.ndim)))
+    )
     for a, b in zip(jax.tree.leaves(basis_a), jax.tree.leaves(basis_b), strict=True)
   ]
   return sum(parts[1:], parts[0])
