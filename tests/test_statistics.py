@@ -73,7 +73,30 @@ def test_sam_statistics_equal_the_formulas():
   assert float(stats.moved_fraction) == 1.0  # float32 weights: every coordinate moves
   np.testing.assert_allclose(stats.effective_ratio, 1.0, atol=1e-5)
   np.testing.assert_allclose(stats.effective_cosine, 1.0, atol=1e-5)
+  along = _dot(g_adv, e) - _dot(g, e)
+  np.testing.assert_allclose(stats.directional_sharpness, along / rho**2, rtol=1e-4)
   assert all(x.dtype == jnp.float32 and x.shape == () for x in stats)
+
+
+@pytest.mark.parametrize('two_phase', (False, True))
+def test_directional_sharpness_is_the_hessians_along_e_on_a_quadratic(two_phase):
+  """Exact for a quadratic loss: e^T A e / ||e||^2, as sharpness.directional_sharpness says."""
+  with jax.enable_x64(True):
+    a = jnp.diag(jnp.array([4.0, 1.0, 0.25])) + 0.1
+    loss = lambda p, batch=None: 0.5 * p['w'] @ a @ p['w'] + jnp.sum(p['w'])
+    params = {'w': jnp.array([1.0, -2.0, 0.5])}
+    tx = optax_sam.sam(optax.sgd(0.05), rho=0.2, statistics=True, two_phase=two_phase)
+    state, w = tx.init(params), params
+    for _ in range(2 if two_phase else 1):
+      updates, state = tx.update(
+        jax.grad(loss)(w), state, w, **helpers.grad_fn_for(state, jax.grad(loss))
+      )
+      w = optax.apply_updates(w, updates)
+    stats = optax_sam.step_statistics(state)
+    g = jax.grad(loss)(params)
+    e = jax.tree.map(lambda x: 0.2 * x / optax.tree.norm(g), g)
+    want = optax_sam.sharpness.directional_sharpness(loss, params, None, e).sharpness
+    np.testing.assert_allclose(stats.directional_sharpness, want, rtol=1e-10)
 
 
 def test_friendly_sam_ema_cosine_is_that_of_the_removed_ema():
@@ -135,7 +158,8 @@ def test_statistics_off_add_no_state_and_no_work():
   on = optax_sam.friendly_sam(optax.sgd(0.1, momentum=0.9), statistics=True)
   base_leaves = jax.tree.leaves((off.init(params).perturbation_state, off.init(params).base_state))
   assert len(jax.tree.leaves(off.init(params))) == len(base_leaves)
-  assert len(jax.tree.leaves(on.init(params))) == len(base_leaves) + 8
+  fields = len(optax_sam.SAMStatistics._fields)
+  assert len(jax.tree.leaves(on.init(params))) == len(base_leaves) + fields
 
   def stepper(tx):
     def step(p, s):

@@ -764,44 +764,43 @@ def preconditioned_sam(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditioned SAM: the ascent in the base optimizer's (Adam's) geometry.
 
-    .. math::
+  .. math::
 
-      d = \frac{g}{\sqrt{\nu} + \epsilon_p}, \qquad
-      e = \rho \frac{d}{\|d\| + \epsilon}, \qquad
-      u = \mathrm{base}(\nabla L_B(w + e), w),
+    d = \frac{g}{\sqrt{\nu} + \epsilon_p}, \qquad
+    e = \rho \frac{d}{\|d\| + \epsilon}, \qquad
+    u = \mathrm{base}(\nabla L_B(w + e), w),
 
-    with :math:`\nu` the base optimizer's second moment before the step (Adam's,
-    not bias-corrected). The base optimizer must hold one Adam state
-    (``optax.adam``, ``optax.adamw``, a chain with ``optax.scale_by_adam``).
-    Combine it with Functional-SAM's ``grad_fn``
-    (:func:`functional_value_and_grad`) for the paper's preconditioned
-    Functional-SAM. Built from :func:`preconditioned_direction` and
-    :func:`ascent`.
+  with :math:`\nu` the base optimizer's second moment before the step (Adam's,
+  not bias-corrected). The base optimizer must hold one Adam state
+  (``optax.adam``, ``optax.adamw``, a chain with ``optax.scale_by_adam``).
+  Combine it with Functional-SAM's ``grad_fn``
+  (:func:`functional_value_and_grad`) for the paper's preconditioned
+  Functional-SAM. Built from :func:`preconditioned_direction` and
+  :func:`ascent`.
 
-    Args:
-      base_optimizer: an optax optimizer with Adam's second moment.
-      rho: perturbation radius (``>= 0``) or a schedule of the step count.
-      precondition_eps: added to :math:`\sqrt{
-  u}` (``> 0``).
-      perturb_mask: selects the perturbed leaves (``None``: all).
-      eps: added to the norm (``>= 0``).
-      axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype, when: the
-        wrapper's options, the same for every alias (see :func:`sharpness_aware`).
+  Args:
+    base_optimizer: an optax optimizer with Adam's second moment.
+    rho: perturbation radius (``>= 0``) or a schedule of the step count.
+    precondition_eps: added to :math:`\sqrt{\nu}` (``> 0``).
+    perturb_mask: selects the perturbed leaves (``None``: all).
+    eps: added to the norm (``>= 0``).
+    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype, when: the
+      wrapper's options, the same for every alias (see :func:`sharpness_aware`).
 
-    Returns:
-      An ``optax.GradientTransformationExtraArgs`` (see :func:`sam`).
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (see :func:`sam`).
 
-    Example:
-      >>> import jax, jax.numpy as jnp, optax, optax_sam
-      >>> loss = lambda w: jnp.sum(jnp.array([1.0, 100.0]) * w ** 2)
-      >>> tx = optax_sam.preconditioned_sam(optax.adamw(0.01), rho=0.05)
-      >>> w = jnp.ones(2)
-      >>> state = tx.init(w)
-      >>> u, state = tx.update(jax.grad(loss)(w), state, w, grad_fn=jax.grad(loss))
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_sam
+    >>> loss = lambda w: jnp.sum(jnp.array([1.0, 100.0]) * w ** 2)
+    >>> tx = optax_sam.preconditioned_sam(optax.adamw(0.01), rho=0.05)
+    >>> w = jnp.ones(2)
+    >>> state = tx.init(w)
+    >>> u, state = tx.update(jax.grad(loss)(w), state, w, grad_fn=jax.grad(loss))
 
-    References:
-      Singh et al., 2025, "Avoiding spurious sharpness minimization broadens
-      applicability of SAM": https://arxiv.org/abs/2502.02407
+  References:
+    Singh et al., 2025, "Avoiding spurious sharpness minimization broadens
+    applicability of SAM": https://arxiv.org/abs/2502.02407
   """
   direction = preconditioning.preconditioned_direction(precondition_eps)
   ascent = perturbations.ascent(rho, perturb_mask=perturb_mask, eps=eps)

@@ -222,7 +222,7 @@ def member_gradient(spec: Spec, g, mean_grads, state, params, grad_fn: GradFn, a
   check_grad_fn_output(g_adv, g)
   g_adv = axes.before(g_adv)
   if statistics:
-    stats = statistics_lib.after_perturbed_pass(stats, g, g_adv)
+    stats = statistics_lib.after_perturbed_pass(stats, g, g_adv, e)
   prepared = spec.correction.prepare(g, wide_params)
   g_sam = spec.correction.apply(prepared, g_adv, perturbed)
   outside = outside_update(spec, state.memory, prepared, g_adv)

@@ -40,6 +40,11 @@ class SAMStatistics(NamedTuple):
     effective_cosine: :math:`\cos(w_{adv} - w, e)`, how much of the computed
       perturbation's direction the perturbed pass saw (1 up to float32
       rounding).
+    directional_sharpness: :math:`\langle g_{adv} - g, e\rangle / \|e\|^2`,
+      the loss's curvature along the perturbation from the two gradients the
+      step has: a finite difference of :math:`e^\top H e / \|e\|^2` (exact for a
+      quadratic loss; :func:`optax_sam.sharpness.directional_sharpness` gives
+      the Hessian's value along any direction, for one more product).
   """
 
   grad_norm: jax.Array
@@ -50,6 +55,7 @@ class SAMStatistics(NamedTuple):
   moved_fraction: jax.Array
   effective_ratio: jax.Array
   effective_cosine: jax.Array
+  directional_sharpness: jax.Array
 
 
 def zeros(params: optax.Params) -> SAMStatistics:
@@ -131,16 +137,21 @@ def before_perturbed_pass(
   grad_norm, perturbation_norm, ema_cosine = clean_half(g, e, previous_perturbation_state, dtype)
   moved, ratio, cosine = rounding(params, perturbed, e, perturbation_norm)
   zero = jnp.zeros([], dtype)
-  return SAMStatistics(grad_norm, zero, perturbation_norm, zero, ema_cosine, moved, ratio, cosine)
+  return SAMStatistics(
+    grad_norm, zero, perturbation_norm, zero, ema_cosine, moved, ratio, cosine, zero
+  )
 
 
 def after_perturbed_pass(
-  stats: SAMStatistics, g: optax.Updates, g_adv: optax.Updates
+  stats: SAMStatistics, g: optax.Updates, g_adv: optax.Updates, e: optax.Updates
 ) -> SAMStatistics:
-  """Completes the statistics with the perturbed gradient ``g_adv``."""
-  adv_grad_norm = numerics.global_norm(g_adv).astype(stats.grad_norm.dtype)
+  """Completes the statistics with the perturbed gradient ``g_adv`` (``e``: the perturbation)."""
+  dtype = stats.grad_norm.dtype
+  adv_grad_norm = numerics.global_norm(g_adv).astype(dtype)
   cosine = _cosine(g, g_adv, stats.grad_norm, adv_grad_norm)
-  return stats._replace(adv_grad_norm=adv_grad_norm, cosine=cosine)
+  along = (numerics.vdot(g_adv, e) - numerics.vdot(g, e)).astype(dtype)
+  sharpness = numerics.safe_ratio(along, jnp.square(stats.perturbation_norm))
+  return stats._replace(adv_grad_norm=adv_grad_norm, cosine=cosine, directional_sharpness=sharpness)
 
 
 class TwoPhaseStatistics(NamedTuple):

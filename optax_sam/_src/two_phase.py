@@ -67,7 +67,8 @@ def _descent_call(spec: Spec, g_adv, state, params, extra):
   g_adv = axes.before(g_adv)
   stats = state.statistics
   if spec.options.statistics:
-    values = statistics_lib.after_perturbed_pass(stats.values, stats.clean_grads, g_adv)
+    e = optax.tree.sub(params, state.clean_params)  # the perturbation the weights hold
+    values = statistics_lib.after_perturbed_pass(stats.values, stats.clean_grads, g_adv, e)
     stats = stats._replace(values=axes.after(values))
   g_sam = axes.after(spec.correction.apply(state.prepared, g_adv, params))
   base_updates, base_state = spec.base.update(g_sam, state.base_state, state.clean_params, **extra)
