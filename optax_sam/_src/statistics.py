@@ -149,7 +149,10 @@ def after_perturbed_pass(
   dtype = stats.grad_norm.dtype
   adv_grad_norm = numerics.global_norm(g_adv).astype(dtype)
   cosine = _cosine(g, g_adv, stats.grad_norm, adv_grad_norm)
-  along = (numerics.vdot(g_adv, e) - numerics.vdot(g, e)).astype(dtype)
+  # The difference first, elementwise in the accumulation dtype: g_adv and g are close, and the
+  # difference of their two inner products with e would cancel most of the digits.
+  difference = optax.tree.sub(optax.tree.cast(g_adv, dtype), optax.tree.cast(g, dtype))
+  along = numerics.vdot(difference, e).astype(dtype)
   sharpness = numerics.safe_ratio(along, jnp.square(stats.perturbation_norm))
   return stats._replace(adv_grad_norm=adv_grad_norm, cosine=cosine, directional_sharpness=sharpness)
 
