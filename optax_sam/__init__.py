@@ -9,6 +9,7 @@ from optax_sam._src.aliases import (
   gsam,
   look_sam,
   lookbehind_sam,
+  mrwp,
   preconditioned_sam,
   sam,
   sampa,
@@ -55,6 +56,7 @@ from optax_sam._src.policies import (
   randomly,
 )
 from optax_sam._src.preconditioning import preconditioned_direction
+from optax_sam._src.random_weights import NoiseState, random_perturbation
 from optax_sam._src.sharpness_aware import sharpness_aware
 from optax_sam._src.state import (
   MomentumSAMState,
@@ -78,6 +80,7 @@ __all__ = (
   'FriendlyState',
   'MicroBatches',
   'MomentumSAMState',
+  'NoiseState',
   'ParallelSAMState',
   'Policy',
   'RandomState',
@@ -109,10 +112,12 @@ __all__ = (
   'micro_batches',
   'mixed_correction',
   'momentum_sam',
+  'mrwp',
   'no_correction',
   'not_bias_mask',
   'preconditioned_direction',
   'preconditioned_sam',
+  'random_perturbation',
   'randomly',
   'sam',
   'sampa',

@@ -159,6 +159,9 @@ VARIANTS = {
   'sampa': _variant(optax_sam.sampa, None, rho=0.1, lmbda=0.2),
   # Reads the base optimizer's second moment: around Adam whatever the test's base
   # (tests/test_functional.py checks it against the formula).
+  # Random weight perturbation: noise from the key in its state, the two gradients mixed
+  # (tests/test_random_weights.py checks it against the formula given the same noise).
+  'mrwp': _variant(optax_sam.mrwp, None, sigma=0.1, lmbda=0.5),
   'psam': _variant(
     optax_sam.preconditioned_sam, None, base=lambda: optax.adamw(0.01, weight_decay=0.1), rho=0.1
   ),

@@ -23,6 +23,7 @@ from optax_sam._src import (
   perturbations,
   policies,
   preconditioning,
+  random_weights,
 )
 from optax_sam._src import momentum_sam as momentum_sam_lib
 from optax_sam._src import options as options_lib
@@ -807,6 +808,63 @@ def preconditioned_sam(
   perturbation = optax.chain(direction, ascent)
   options = SAMOptions(**options)
   return wrapper.compose(base_optimizer, perturbation, corrections.no_correction(), options)
+
+
+@options_lib.takes_options
+def mrwp(
+  base_optimizer: optax.GradientTransformation,
+  sigma: perturbations.ScalarOrSchedule = 0.01,
+  lmbda: float = 0.5,
+  *,
+  seed: int = 0,
+  output_axes: tuple = (-1,),
+  perturb_mask: adaptive_lib.MaskOrFn = None,
+  **options: Unpack[options_lib.OptionArguments],
+) -> optax.GradientTransformationExtraArgs:
+  r"""m-RWP: random weight perturbation, the two gradients mixed.
+
+  .. math::
+
+    e_i \sim \mathcal{N}\big(0, (\sigma \|W_i\|)^2\big), \qquad
+    u = \mathrm{base}\big((1 - \lambda) g + \lambda \nabla L_B(w + e), w\big),
+
+  with :math:`W_i` each output filter of a kernel (a vector leaf: the whole
+  vector, its norm plus :math:`10^{-16}`). The noise does not depend on
+  :math:`g`, so the two gradients may come from different batches (the
+  official loop takes them on two consecutive batches) and may run side by
+  side. Built from :func:`random_perturbation` and :func:`mixed_correction`.
+
+  Args:
+    base_optimizer: the optax optimizer that receives the mixed gradient.
+    sigma: the noise's scale relative to each filter's norm (``>= 0``) or a schedule.
+    lmbda: the weight of the perturbed gradient, in ``[0, 1]``.
+    seed: the seed of the noise's first key (the key is in the state).
+    output_axes: the axes of a kernel indexing its filters (``(-1,)``: Flax; PyTorch ``(0,)``).
+    perturb_mask: selects the perturbed leaves (``None``: all).
+    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype, when: the
+      wrapper's options, the same for every alias (see :func:`sharpness_aware`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (see :func:`sam`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_sam
+    >>> loss = lambda w: jnp.sum((w['kernel'] - 1.0) ** 2)
+    >>> tx = optax_sam.mrwp(optax.sgd(0.1), sigma=0.01, lmbda=0.5)
+    >>> w = {'kernel': jnp.zeros((3, 2))}
+    >>> state = tx.init(w)
+    >>> u, state = tx.update(jax.grad(loss)(w), state, w, grad_fn=jax.grad(loss))
+
+  References:
+    Li et al., 2024, "Revisiting Random Weight Perturbation for Efficiently
+    Improving Generalization": https://arxiv.org/abs/2404.00357
+  """
+  numerics.check_range('lmbda', lmbda, 0.0, 1.0)
+  noise = random_weights.random_perturbation(
+    sigma, seed=seed, output_axes=output_axes, perturb_mask=perturb_mask
+  )
+  correction = corrections.mixed_correction(lmbda)
+  return wrapper.compose(base_optimizer, noise, correction, SAMOptions(**options))
 
 
 @options_lib.takes_options
