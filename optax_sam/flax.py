@@ -8,7 +8,8 @@ Importing this module imports Flax; ``import optax_sam`` alone does not.
   ``nnx.Optimizer(model, tx, wrt=nnx.Param)``; :func:`nnx_clean_params` gives
   the unperturbed weights of a two-phase optimizer;
   :func:`nnx_functional_value_and_grad` gives Functional-SAM's clean pass and
-  ``grad_fn`` (the output gradient kept at the clean weights).
+  ``grad_fn`` (the output gradient kept at the clean weights);
+  :func:`nnx_normalization_mask` is SAM-ON's ``perturb_mask``.
 * Sharpness: :func:`nnx_loss_fn` builds the ``loss_fn(params, batch)`` that
   :mod:`optax_sam.sharpness` measures, in train or eval mode.
 * Linen: :func:`apply_gradients` is ``TrainState.apply_gradients`` with
@@ -21,6 +22,7 @@ from optax_sam._src.flax_helpers import (
   nnx_functional_value_and_grad,
   nnx_grad_fn,
   nnx_loss_fn,
+  nnx_normalization_mask,
   nnx_value_and_grad,
 )
 
@@ -30,5 +32,6 @@ __all__ = (
   'nnx_functional_value_and_grad',
   'nnx_grad_fn',
   'nnx_loss_fn',
+  'nnx_normalization_mask',
   'nnx_value_and_grad',
 )

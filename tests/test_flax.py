@@ -439,3 +439,43 @@ def test_the_complete_nnx_program_of_docs_runs():
     exec(compile(block, 'docs/nnx_program.md', 'exec'), namespace)
   assert int(optax_sam.skipped_steps(nnx.as_pure(namespace['optimizer'].opt_state))) == 0
   assert float(namespace['sam'].sharpness) > 0
+
+
+def test_nnx_normalization_mask_selects_the_norm_layers_by_type():
+  """SAM-ON's mask: True exactly on the normalization layers' parameters, whatever their names;
+  a SAM-ON step through nnx.Optimizer perturbs only them."""
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.dense = nnx.Linear(3, 4, rngs=rngs)
+      self.anything = nnx.BatchNorm(4, rngs=rngs)
+      self.blocks = nnx.List([nnx.LayerNorm(4, rngs=rngs), nnx.Linear(4, 2, rngs=rngs)])
+
+    def __call__(self, x):
+      return self.blocks[1](self.blocks[0](self.anything(self.dense(x))))
+
+  model = Net(nnx.Rngs(0))
+  mask = optax_sam.flax.nnx_normalization_mask(model)
+  selected = {
+    jax.tree_util.keystr(path)
+    for path, chosen in jax.tree_util.tree_flatten_with_path(mask)[0]
+    if chosen
+  }
+  assert selected == {
+    "['anything']['bias']",
+    "['anything']['scale']",
+    "['blocks'][0]['bias']",
+    "['blocks'][0]['scale']",
+  }
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  ascent = optax_sam.ascent(0.5, perturb_mask=mask)
+  e, _ = ascent.update(jax.tree.map(jnp.ones_like, params), ascent.init(params), params)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(e)[0]:
+    assert bool(jnp.any(leaf != 0)) == (jax.tree_util.keystr(path) in selected)
+  x, y = jnp.ones((8, 3)), jnp.zeros((8, 2))
+  optimizer = nnx.Optimizer(
+    model, optax_sam.sam(optax.sgd(0.1), rho=0.5, perturb_mask=mask), wrt=nnx.Param
+  )
+  loss_fn = lambda model, x, y: jnp.mean((model(x) - y) ** 2)
+  loss, grads, grad_fn = optax_sam.flax.nnx_value_and_grad(loss_fn, model, x, y)
+  optimizer.update(model, grads, grad_fn=grad_fn)

@@ -244,6 +244,53 @@ def nnx_functional_value_and_grad(
   return value, grads, grad_fn
 
 
+# The NNX normalization layers whose parameters SAM-ON perturbs.
+NORMALIZATION_LAYERS = (nnx.BatchNorm, nnx.LayerNorm, nnx.GroupNorm, nnx.RMSNorm)
+
+
+def nnx_normalization_mask(
+  model: nnx.Module, wrt: Any = nnx.Param, layers: tuple = NORMALIZATION_LAYERS
+) -> Any:
+  """SAM-ON's ``perturb_mask`` for an NNX model: ``True`` on the normalization layers' parameters.
+
+  Finds the layers by their type (``nnx.BatchNorm``, ``nnx.LayerNorm``, ``nnx.GroupNorm``,
+  ``nnx.RMSNorm``, or ``layers``), not by attribute names, and returns a tree of bools with
+  the structure of ``nnx.as_pure(nnx.state(model, wrt))``, the tree ``nnx.Optimizer`` hands
+  the transformation.
+
+  Args:
+    model: the model.
+    wrt: the filter of the optimized variables (as in ``nnx.Optimizer(..., wrt=...)``).
+    layers: the module types whose parameters are selected.
+
+  Returns:
+    The mask, for ``perturb_mask=`` on any alias.
+
+  Example:
+    >>> import optax, optax_sam
+    >>> from flax import nnx
+    >>> import optax_sam.flax
+    >>> rngs = nnx.Rngs(0)
+    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=rngs), nnx.LayerNorm(3, rngs=rngs))
+    >>> mask = optax_sam.flax.nnx_normalization_mask(model)
+    >>> mask['layers'][0]['kernel'], mask['layers'][1]['scale']
+    (False, True)
+    >>> tx = optax_sam.sam(optax.sgd(0.1), rho=0.5, perturb_mask=mask)
+
+  References:
+    Müller et al., 2023, "Normalization Layers Are All That Sharpness-Aware
+    Minimization Needs": https://arxiv.org/abs/2306.04226
+  """
+  found = [tuple(path) for path, module in nnx.iter_modules(model) if isinstance(module, layers)]
+  key_of = lambda entry: getattr(entry, 'key', getattr(entry, 'idx', entry))
+
+  def selected(path, _):
+    keys = tuple(key_of(entry) for entry in path)
+    return any(keys[: len(p)] == p for p in found)
+
+  return jax.tree_util.tree_map_with_path(selected, nnx.as_pure(nnx.state(model, wrt)))
+
+
 def nnx_clean_params(model: nnx.Module, optimizer: nnx.Optimizer) -> nnx.State:
   """The unperturbed parameters of a model trained with a two-phase SAM ``nnx.Optimizer``.
 
