@@ -306,6 +306,7 @@ def test_the_sharpness_estimators_loops_run_canonical_convolutions(estimator, mo
   assert set(_compiled_convolutions(run, params, batch)) <= CANONICAL
   with_rewrite = jax.jit(run)(params, batch)
   monkeypatch.setattr(cpu_convolutions, 'canonical', lambda fn: fn)
+  jax.clear_caches()  # the estimators keep their compiled programs: trace them anew
   again = lambda p, b: run(p, b)  # a new function, traced anew
   assert not set(_compiled_convolutions(again, params, batch)) <= CANONICAL
   without = jax.jit(again)(params, batch)

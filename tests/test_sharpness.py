@@ -615,3 +615,31 @@ def test_directional_sharpness_is_the_rayleigh_quotient_of_the_dense_hessian():
   assert float(zero.sharpness) == 0.0
   with pytest.raises(ValueError, match='structure of params'):
     sharpness.directional_sharpness(loss, params, batch, jnp.zeros(3))
+
+
+def test_repeated_calls_reuse_the_compiled_program():
+  """Outside jit, the estimators compile once per loss_fn and shapes; a batch with a static
+  (non-array) leaf still runs, without the outer jit."""
+  traces = []
+
+  def loss_fn(p, batch):
+    traces.append(1)
+    return 0.5 * jnp.sum(batch * p['w'] ** 2)
+
+  params, batch = {'w': jnp.ones(4)}, jnp.array([4.0, 3.0, 2.0, 1.0])
+  for seed in range(3):
+    r = sharpness.hessian_eigenvalues(loss_fn, params, batch, key=jax.random.key(seed))
+    assert float(r.eigenvalues[0]) == pytest.approx(4.0, rel=1e-5)
+  first = len(traces)
+  for seed in range(3):
+    sharpness.hessian_trace(loss_fn, params, batch, key=jax.random.key(seed), num_probes=8)
+  assert first > 0 and len(traces) > first
+  traced = len(traces)
+  sharpness.hessian_trace(loss_fn, params, batch, key=jax.random.key(9), num_probes=8)
+  sharpness.hessian_eigenvalues(loss_fn, params, batch, key=jax.random.key(9))
+  assert len(traces) == traced  # both programs reused
+  static = lambda p, b: 0.5 * b['scale'] * jnp.sum(p['w'] ** 2) if b['kind'] == 'sum' else 0.0
+  r = sharpness.hessian_eigenvalues(
+    static, params, {'scale': jnp.asarray(3.0), 'kind': 'sum'}, key=jax.random.key(0)
+  )
+  assert float(r.eigenvalues[0]) == pytest.approx(3.0, rel=1e-5)

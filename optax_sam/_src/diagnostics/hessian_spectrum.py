@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_sam._src import numerics
-from optax_sam._src.diagnostics import chunking, trace_estimators, tree_basis
+from optax_sam._src.diagnostics import chunking, compiled, trace_estimators, tree_basis
 from optax_sam._src.diagnostics import hvp as hvp_lib
 from optax_sam._src.diagnostics import lanczos as lanczos_lib
 
@@ -63,6 +63,7 @@ class HessianEigenvalues(NamedTuple):
   converged: jax.Array
 
 
+@compiled.compiled('k', 'num_steps', 'which', 'num_chunks', 'unroll')
 def hessian_eigenvalues(
   loss_fn: hvp_lib.LossFn,
   params: Any,
@@ -341,6 +342,7 @@ class SpectralDensity(NamedTuple):
   weights: jax.Array
 
 
+@compiled.compiled('num_probes', 'num_steps', 'num_chunks')
 def hessian_spectral_density(
   loss_fn: hvp_lib.LossFn,
   params: Any,

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_sam._src import numerics
-from optax_sam._src.diagnostics import chunking, exchangeable, tree_basis
+from optax_sam._src.diagnostics import chunking, compiled, exchangeable, tree_basis
 from optax_sam._src.diagnostics import hvp as hvp_lib
 from optax_sam._src.diagnostics import lanczos as lanczos_lib
 
@@ -177,6 +177,7 @@ def trace(
   return HessianTrace(estimate=exact_part + mean, stderr=stderr)
 
 
+@compiled.compiled('num_probes', 'method', 'num_chunks')
 def hessian_trace(
   loss_fn: hvp_lib.LossFn,
   params: Any,
