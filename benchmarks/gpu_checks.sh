@@ -18,9 +18,11 @@
 #   micro     python -m benchmarks.micro_batches on the CNN and ResNet-18 (micro_batches.{json,md}).
 #   parallel  python -m benchmarks.parallel on the MLP, the CNN and ResNet-18 (parallel.{json,md}):
 #             SAMPa's vmapped pair against SAM and the base step (two-device cases with 2 GPUs).
+#   lm        the language-model example at twice its default width (language_model.{json,md}):
+#             AdamW, SAM, Functional-SAM and preconditioned Functional-SAM step times on the GPU.
 # A lent machine allows 10 minutes per command and sends back at most 8 files: the default parts
-# write 5 files, run, micro and parallel 2 each, so contract, run, micro and parallel go in a call
-# of their own
+# write 5 files, run, micro, parallel and lm 2 each, so contract, run, micro, parallel and lm go
+# in a call of their own
 # (the script warns when $OUT holds more than 8 files).
 # Everything printed, the tests' output included, goes to gpu_checks.log, each part between
 # '== NAME' lines that give its exit status and time. Without QUICK the benchmarks run only on a
@@ -113,8 +115,13 @@ for name in ${*:-cheap tests}; do
       bench parallel 300 "$python" -m benchmarks.parallel --models mlp,cnn,resnet18 "${quick[@]}" \
         "${budget[@]}" --out "$out"
       ;;
+    lm)
+      lm_size=(--width 128 --layers 4 --steps 1000)
+      [[ -n ${QUICK:-} ]] && lm_size=(--quick)
+      bench lm 300 "$python" -m optax_sam.examples.language_model "${lm_size[@]}" --out "$out"
+      ;;
     *)
-      echo "unknown part: $name (cheap, tests, contract, run, micro, parallel)" | tee -a "$log"
+      echo "unknown part: $name (cheap, tests, contract, run, micro, parallel, lm)" | tee -a "$log"
       fail 2
       ;;
   esac

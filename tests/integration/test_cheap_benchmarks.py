@@ -117,7 +117,7 @@ def test_gpu_checks_script_names_what_exists_and_rejects_an_unknown_part(tmp_pat
   done = subprocess.run(['bash', str(script), 'nonsense'], env=env, capture_output=True, text=True)
   assert done.returncode == 2, done.stdout + done.stderr
   log = (out / 'gpu_checks.log').read_text()
-  assert 'unknown part: nonsense (cheap, tests, contract, run, micro, parallel)' in log
+  assert 'unknown part: nonsense (cheap, tests, contract, run, micro, parallel, lm)' in log
   assert 'jax ' + jax.__version__ in log
   env['PYTHON'] = 'false'  # an interpreter that cannot import JAX: nothing runs
   done = subprocess.run(['bash', str(script), 'cheap'], env=env, capture_output=True, text=True)
