@@ -27,6 +27,30 @@ TrainStateT = TypeVar('TrainStateT', bound=train_state_lib.TrainState)
 _FRESH_RNG_SALT = 0x5A4D
 
 
+def _snapshot(model: nnx.Module, args: tuple) -> tuple[Any, Callable[..., Any]]:
+  """The RNG keys of ``model`` and ``args`` as they are now, and a runner on copies of them.
+
+  ``run_copy(fn, params, keys)`` rebuilds the model (and any NNX objects in
+  ``args``) from this snapshot with ``params`` and ``keys``, and returns
+  ``(fn(model_copy, *args_copy), model_copy)``; the model itself is never changed.
+  The snapshot holds arrays, so later passes cannot change it.
+  """
+  graphdef, keys, rest = nnx.split((model, args), nnx.RngKey, ...)
+  keys, rest = nnx.as_pure(keys), nnx.as_pure(rest)
+
+  def run_copy(fn, params, keys):
+    model_copy, args_copy = nnx.merge(graphdef, keys, rest)
+    nnx.update(model_copy, params)
+    return fn(model_copy, *args_copy), model_copy
+
+  return keys, run_copy
+
+
+def _fresh(keys: Any) -> Any:
+  """Keys that neither the clean pass nor later steps use (for ``reuse_rngs=False``)."""
+  return jax.tree.map(lambda k: jax.random.fold_in(k, _FRESH_RNG_SALT), keys)
+
+
 def nnx_grad_fn(
   loss_fn: Callable[..., Any],
   model: nnx.Module,
@@ -86,15 +110,11 @@ def nnx_grad_fn(
     Foret et al., 2021, "Sharpness-Aware Minimization for Efficiently Improving
     Generalization": https://arxiv.org/abs/2010.01412
   """
-  graphdef, keys, rest = nnx.split((model, args), nnx.RngKey, ...)
-  keys, rest = nnx.as_pure(keys), nnx.as_pure(rest)  # arrays: later passes cannot change them
-  if not reuse_rngs:
-    keys = jax.tree.map(lambda k: jax.random.fold_in(k, _FRESH_RNG_SALT), keys)
+  clean_keys, run_copy = _snapshot(model, args)
+  keys = clean_keys if reuse_rngs else _fresh(clean_keys)
 
   def loss_at(params):
-    model_copy, args_copy = nnx.merge(graphdef, keys, rest)
-    nnx.update(model_copy, params)
-    out = loss_fn(model_copy, *args_copy)
+    out, _ = run_copy(loss_fn, params, keys)
     return out[0] if has_aux else out
 
   def grad_fn(params):
@@ -216,16 +236,12 @@ def nnx_functional_value_and_grad(
     Singh et al., 2025, "Avoiding spurious sharpness minimization broadens
     applicability of SAM": https://arxiv.org/abs/2502.02407
   """
-  graphdef, keys, rest = nnx.split((model, args), nnx.RngKey, ...)
-  keys, rest = nnx.as_pure(keys), nnx.as_pure(rest)
-  perturbed_keys = keys
-  if not reuse_rngs:
-    perturbed_keys = jax.tree.map(lambda k: jax.random.fold_in(k, _FRESH_RNG_SALT), keys)
+  keys, run_copy = _snapshot(model, args)
+  perturbed_keys = keys if reuse_rngs else _fresh(keys)
 
   def outputs_at(params, keys):
-    model_copy, args_copy = nnx.merge(graphdef, keys, rest)
-    nnx.update(model_copy, params)
-    return output_fn(model_copy, *args_copy), nnx.as_pure(nnx.state(model_copy))
+    outputs, model_copy = run_copy(output_fn, params, keys)
+    return outputs, nnx.as_pure(nnx.state(model_copy))
 
   variables = nnx.state(model, wrt)
   outputs, pullback, after = jax.vjp(

@@ -240,6 +240,11 @@ def _group_loss(model: models.ResNet) -> Callable[[Any, tuple], jax.Array]:
   return loss
 
 
+def _unused_grads(model: models.ResNet) -> Any:
+  """Zeros like the parameters: the gradient argument of a step that takes its gradients itself."""
+  return jax.tree.map(jnp.zeros_like, nnx.as_pure(nnx.state(model, nnx.Param)))
+
+
 def _as_grads(model: models.ResNet, grads: Any) -> nnx.State:
   """A pure gradient tree as the ``nnx.State`` of ``nnx.Param`` that ``optimizer.update`` takes."""
   variables = nnx.state(model, nnx.Param)
@@ -274,7 +279,7 @@ def micro_batch_train_step(
     grads = grad_fn(nnx.as_pure(nnx.state(model, nnx.Param)))
   else:  # the step takes each group's clean gradient itself: the gradient argument is unused
     grad_fn = optax_sam.micro_batches(grad, batch, size, route=route)
-    grads = jax.tree.map(jnp.zeros_like, nnx.as_pure(nnx.state(model, nnx.Param)))
+    grads = _unused_grads(model)
   optimizer.update(model, _as_grads(model, grads), grad_fn=grad_fn)
   return loss, jnp.sum(jnp.argmax(logits, -1) == y), _step_statistics(optimizer)
 
@@ -298,8 +303,7 @@ def sampa_train_step(
   group = jnp.zeros(x.shape[0], jnp.int32)  # dropout keys: one fold for each of the two points
   pair = optax_sam.batch_pair(grad, (previous_x, previous_y, group), (x, y, group + 1))
   loss, logits = loss_fn(model, x, y)
-  unused = jax.tree.map(jnp.zeros_like, nnx.as_pure(nnx.state(model, nnx.Param)))
-  optimizer.update(model, _as_grads(model, unused), grad_fn=pair)
+  optimizer.update(model, _as_grads(model, _unused_grads(model)), grad_fn=pair)
   return loss, jnp.sum(jnp.argmax(logits, -1) == y), {}
 
 
