@@ -102,20 +102,25 @@ def main():
     exact = float(jnp.trace(a))
     for name, run in estimators:
       try:
-        call = jax.jit(jax.vmap(lambda key, run=run, a=a: run(a, key, args.probes)))
+        # lax.map over the seeds, not vmap: XLA:CPU sometimes hangs running hundreds of batched
+        # Cholesky factors at once.
+        call = jax.jit(
+          lambda keys, run=run, a=a: jax.lax.map(lambda key: run(a, key, args.probes), keys)
+        )
         jax.block_until_ready(call(keys))
         start = time.perf_counter()
         estimate, stderr = jax.block_until_ready(call(keys))
         ms = 1e3 * (time.perf_counter() - start) / args.seeds
       except Exception as error:  # noqa: BLE001 (a peer's API may differ across versions)
-        print(f'| i^-{decay:g} | {name} | failed: {type(error).__name__} | | | |')
+        print(f'| i^-{decay:g} | {name} | failed: {type(error).__name__} | | | |', flush=True)
         continue
       estimate, stderr = np.asarray(estimate), np.asarray(stderr)
       errors = estimate - exact
       covered = np.mean(np.abs(errors) < 2 * stderr) if np.all(np.isfinite(stderr)) else np.nan
       print(
         f'| i^-{decay:g} | {name} | {np.mean(errors) / exact:+.1e} | {np.std(estimate) / exact:.1e}'
-        f' | {covered:.0%} | {ms:.2f} |'
+        f' | {covered:.0%} | {ms:.2f} |',
+        flush=True,
       )
 
 

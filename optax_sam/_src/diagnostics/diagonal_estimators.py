@@ -78,7 +78,9 @@ def diagonal(
     \omega_i \odot (I - Q_{(i)} Q_{(i)}^\top) M \omega_i,
 
   and the estimate is their mean, ``stderr`` their standard error entry by
-  entry. Exact when :math:`m - 1` is at least the rank of :math:`M` (in
+  entry: the paper's estimate, which misses the correlation of the
+  :math:`\hat d_i` and is optimistic, as it is for XTrace before its
+  correction (see :func:`trace`). Exact when :math:`m - 1` is at least the rank of :math:`M` (in
   particular when ``num_probes >= 2 (n + 1)``); far more accurate than
   Hutchinson when the spectrum decays fast. Stores ``2 num_probes`` vectors.
 

@@ -12,9 +12,10 @@ sketch of the other :math:`m - 1` probes and Hutchinson on probe :math:`i`,
   \omega_i^\top (I - Q_{(i)} Q_{(i)}^\top) A (I - Q_{(i)} Q_{(i)}^\top) \omega_i,
   \qquad Q_{(i)} = \operatorname{orth}(A \Omega_{-i}),
 
-and the estimate is their mean. Each :math:`\hat t_i` is unbiased, so their
-spread gives the error estimate: the standard error of the :math:`m`
-leave-one-out estimates. All :math:`m` of them come from one sketch,
+and the estimate is their mean. Each :math:`\hat t_i` is unbiased given the
+other probes; the error estimate also needs the estimates that leave out two
+probes (:func:`xtrace_samples`; see :func:`optax_sam.sharpness.trace`). All of
+them come from one sketch,
 :math:`A \Omega = Q R`: the direction that leaving probe :math:`i` out removes
 from :math:`\operatorname{range}(Q)` is :math:`Q s_i`, with :math:`s_i` the
 normalized column :math:`i` of :math:`R^{-\top}` (orthogonal to every other
@@ -64,6 +65,8 @@ class Sketch(NamedTuple):
     h: ``[m, m]`` :math:`Q^\\top A Q`.
     t: ``[m, m]`` :math:`Z^\\top \\Omega = Q^\\top A^\\top \\Omega`.
     oy: ``[m]`` :math:`\\omega_i^\\top A \\omega_i`.
+    oo: ``[m]`` :math:`\\|\\omega_i\\|^2`.
+    rank: the rank of :math:`Q` (its nonzero rows).
   """
 
   omega: Any
@@ -76,11 +79,15 @@ class Sketch(NamedTuple):
   h: jax.Array
   t: jax.Array
   oy: jax.Array
+  oo: jax.Array
+  rank: jax.Array
 
 
-def sketch(matvec: Callable[[Any], Any], params: Any, key: jax.Array, m: int) -> Sketch:
-  """The :class:`Sketch` of ``m`` Rademacher probes: ``2 m`` products, ``4 m`` stored vectors."""
-  omega = probes(key, params, m)
+def sketch(
+  matvec: Callable[[Any], Any], params: Any, key: jax.Array, m: int, kind: str = 'rademacher'
+) -> Sketch:
+  """The :class:`Sketch` of ``m`` probes of ``kind``: ``2 m`` products, ``4 m`` stored vectors."""
+  omega = probes(key, params, m, kind)
   y = jax.lax.map(matvec, omega)
   q, kept = tree_basis.orthonormalize(y, lanczos_lib.default_rtol(numerics.accumulation_dtype(y)))
   z = jax.lax.map(matvec, q)
@@ -88,39 +95,64 @@ def sketch(matvec: Callable[[Any], Any], params: Any, key: jax.Array, m: int) ->
   # R is upper triangular with a zero row where Q has none; a 1 there keeps the inverse finite.
   columns = jnp.linalg.inv(r + jnp.diag((~kept).astype(r.dtype))).T
   s = columns / jnp.linalg.norm(columns, axis=0) * jnp.all(kept)
-  return Sketch(
-    omega=omega,
-    y=y,
-    q=q,
-    z=z,
-    r=r,
-    s=s,
-    w=tree_basis.gram(q, omega),
-    h=tree_basis.gram(q, z),
-    t=tree_basis.gram(z, omega),
-    oy=jnp.diag(tree_basis.gram(omega, y)),
-  )
+  w, h, t = tree_basis.gram(q, omega), tree_basis.gram(q, z), tree_basis.gram(z, omega)
+  oy, oo = jnp.diag(tree_basis.gram(omega, y)), jnp.diag(tree_basis.gram(omega, omega))
+  return Sketch(omega, y, q, z, r, s, w, h, t, oy, oo, jnp.sum(kept))
 
 
-def xtrace_samples(sk: Sketch) -> jax.Array:
-  r"""The ``m`` leave-one-out trace estimates :math:`\hat t_i` of XTrace.
+def _second_directions(first: jax.Array) -> jax.Array:
+  """``[k, i, j]``: the unit part of column ``j`` of ``first`` orthogonal to its column ``i``.
 
-  With :math:`c_i = w_i - s_i (s_i^\top w_i)` the coordinates in :math:`Q` of
-  the part of :math:`\omega_i` that :math:`Q_{(i)}` captures,
+  With ``first[:, i]`` it spans what leaving out probes ``i`` and ``j`` removes; zero where
+  ``i == j`` (or the columns are parallel, or zero), so index ``[:, i, i]`` leaves out ``i`` alone.
+  """
+  overlap = first.T @ first  # [i, j]
+  rest = first[:, None, :] - first[:, :, None] * overlap[None]
+  length = jnp.linalg.norm(rest, axis=0)
+  keep = length > lanczos_lib.default_rtol(first.dtype) * jnp.linalg.norm(first, axis=0)[None]
+  return rest * jnp.where(keep, 1 / jnp.where(keep, length, 1), 0)[None]
+
+
+def xtrace_samples(sk: Sketch, n: int) -> jax.Array:
+  r"""XTrace's estimates leaving out one probe (diagonal) and two (off the diagonal), normalized.
+
+  Entry :math:`(i, j)` is probe :math:`i`'s estimate with the sketch of the
+  probes other than :math:`i` and :math:`j`; :math:`(i, i)` is
+  :math:`\hat t_i`. Leaving out a set :math:`S` of probes removes the span
+  :math:`U_S` of the :math:`s_k, k \in S` from the sketch's coordinates, so
+  with :math:`c = (I - U_S U_S^\top) w_i` the coordinates of the part of
+  :math:`\omega_i` the rest captures, :math:`P = I - Q (I - U_S U_S^\top) Q^\top`
+  of rank :math:`n_S` (``n`` minus the rank of the rest) and
+  :math:`\|P \omega_i\|^2 = \|\omega_i\|^2 - \|c\|^2`,
 
   .. math::
 
-    \hat t_i = \operatorname{tr} H - s_i^\top H s_i + \omega_i^\top y_i
-    - c_i^\top (r_i + t_i) + c_i^\top H c_i.
+    \hat t_{i \mid S} = \operatorname{tr} H - \operatorname{tr}(U_S^\top H U_S)
+    + \frac{n_S}{\|P \omega_i\|^2}
+    \left(\omega_i^\top y_i - c^\top (r_i + t_i) + c^\top H c\right).
+
+  The factor is the paper's *improved* estimator: for Gaussian probes,
+  :math:`P \omega_i` rescaled to length :math:`\sqrt{n_S}` is uniform on that
+  sphere of :math:`\operatorname{range}(P)`, so each estimate stays unbiased
+  and the spread of the probe's length no longer adds to its error.
   """
+  u = _second_directions(sk.s)
   c = sk.w - sk.s * jnp.sum(sk.s * sk.w, axis=0)
-  return (
-    jnp.trace(sk.h)
-    - jnp.sum(sk.s * (sk.h @ sk.s), axis=0)
-    + sk.oy
-    - jnp.sum(c * (sk.r + sk.t), axis=0)
-    + jnp.sum(c * (sk.h @ c), axis=0)
+  c = c[:, :, None] - u * jnp.einsum('kij,ki->ij', u, sk.w)[None]
+  residual = (
+    sk.oy[:, None]
+    - jnp.einsum('kij,ki->ij', c, sk.r + sk.t)
+    + jnp.sum(c * jnp.einsum('kl,lij->kij', sk.h, c), axis=0)
   )
+  left = n - sk.rank + jnp.any(sk.s != 0, axis=0)[:, None] + jnp.any(u != 0, axis=0)
+  length = sk.oo[:, None] - jnp.sum(c**2, axis=0)
+  scale = jnp.where((left > 0) & (length > 0), left / jnp.where(length > 0, length, 1), 0)
+  captured = (
+    jnp.trace(sk.h)
+    - jnp.sum(sk.s * (sk.h @ sk.s), axis=0)[:, None]
+    - jnp.sum(u * jnp.einsum('kl,lij->kij', sk.h, u), axis=0)
+  )
+  return captured + scale * residual
 
 
 def xdiag_samples(sk: Sketch) -> Any:
@@ -151,7 +183,12 @@ def xdiag_samples(sk: Sketch) -> Any:
 def xnystrace_samples(
   matvec: Callable[[Any], Any], params: Any, key: jax.Array, m: int
 ) -> jax.Array:
-  r"""The ``m`` leave-one-out estimates of XNysTrace, for a positive semi-definite :math:`A`.
+  r"""XNysTrace's estimates leaving out one probe and two, for a positive semi-definite :math:`A`.
+
+  Entry :math:`(i, i)` is :math:`\hat t_i` below; :math:`(i, j)` the same
+  with the Nystrom approximation of the probes other than :math:`i` and
+  :math:`j` (a rank-two downdate, :func:`_leave_out`), rescaled to
+  :math:`n - m + 2`.
 
   The Nystrom approximation :math:`\hat A = Y (\Omega^\top Y)^{-1} Y^\top`
   of the ``m`` probes, and :math:`\hat A_{(i)}` of all but probe :math:`i`:
@@ -162,8 +199,15 @@ def xnystrace_samples(
 
   .. math::
 
-    \hat t_i = \operatorname{tr} \hat A_{(i)} + \omega_i^\top (A - \hat A_{(i)}) \omega_i
-    = \|B\|_F^2 - \frac{\|B x_i\|^2}{\|x_i\|^2} + \frac{1}{\|x_i\|^2}.
+    \hat t_i = \operatorname{tr} \hat A_{(i)} + \frac{n - m + 1}{\|P_i \omega_i\|^2}
+    \omega_i^\top (A - \hat A_{(i)}) \omega_i
+    = \|B\|_F^2 - \frac{\|B x_i\|^2}{\|x_i\|^2} + \frac{(n - m + 1)\, G^{-1}_{ii}}{\|x_i\|^2},
+
+  where :math:`A - \hat A_{(i)}` vanishes on the other probes, :math:`P_i`
+  projects them out and :math:`\|P_i \omega_i\|^2 = 1 / G^{-1}_{ii}` with
+  :math:`G = \Omega^\top \Omega`: the paper's *improved* estimator, which
+  rescales the Gaussian probe's residual to the length of a uniform one (see
+  :func:`xtrace_samples`).
 
   As in the paper, :math:`A + \nu I` is sketched and :math:`\nu n`
   subtracted, which keeps the Cholesky factor finite for low-rank :math:`A`;
@@ -171,17 +215,47 @@ def xnystrace_samples(
   paper's, above Cholesky's backward error in float32 too. Costs ``m``
   products, stores ``3 m`` vectors.
   """
-  omega = probes(key, params, m)
+  omega = probes(key, params, m, 'normal')
   y = jax.lax.map(matvec, omega)
   n = hvp_lib.num_params(params)
   scale = jnp.sqrt(numerics.vdot(y, y) / n)
   nu = 10 * m * jnp.finfo(scale.dtype).eps * jnp.where(scale > 0, scale, 1)
   y = jax.tree.map(lambda a, b: a + (nu * b).astype(a.dtype), y, omega)
   q, _ = tree_basis.orthonormalize(y, 0.0)
-  h = tree_basis.gram(omega, y)
-  lower = jnp.linalg.cholesky(0.5 * (h + h.T))
+  lower = _cholesky(tree_basis.gram(omega, y))
   b = jax.scipy.linalg.solve_triangular(lower, tree_basis.gram(q, y).T, lower=True).T
-  x = jax.scipy.linalg.solve_triangular(lower, jnp.eye(m, dtype=h.dtype), lower=True)
-  d = jnp.sum(x**2, axis=0)
-  samples = jnp.sum(b**2) - jnp.sum((b @ x) ** 2, axis=0) / d + 1 / d - nu * n
+  first, second, residual = _leave_out(lower)
+  captured = (
+    jnp.sum(b**2)
+    - jnp.sum((b @ first) ** 2, axis=0)[:, None]
+    - jnp.sum(jnp.einsum('pk,kij->pij', b, second) ** 2, axis=0)
+  )
+  *_, length = _leave_out(_cholesky(tree_basis.gram(omega, omega)))  # ||P omega_i||^2
+  left = n - m + 1 + jnp.any(second != 0, axis=0)
+  samples = captured + left / length * residual - nu * n
   return jnp.where(scale > 0, samples, 0)  # A Omega = 0: A = 0 (almost surely)
+
+
+def _cholesky(gram: jax.Array) -> jax.Array:
+  return jnp.linalg.cholesky(0.5 * (gram + gram.T))
+
+
+def _leave_out(lower: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  r"""What leaving out probes ``i`` and ``j`` removes from a Nystrom core :math:`K = L L^\top`.
+
+  For :math:`K = \Omega^\top A \Omega`: the unit directions ``first``
+  (``[k, i]``, :math:`L^{-1} e_i` normalized) and ``second`` (``[k, i, j]``,
+  see :func:`_second_directions`) that span the removed part, and ``[i, j]``
+  :math:`\omega_i^\top (A - \hat A_{(ij)}) \omega_i`, which is
+  :math:`\|U^\top L^\top e_i\|^2` with :math:`U` those directions
+  (:math:`1 / (K^{-1})_{ii}` on the diagonal).
+  """
+  m = lower.shape[0]
+  inverse = jax.scipy.linalg.solve_triangular(lower, jnp.eye(m, dtype=lower.dtype), lower=True)
+  first = inverse / jnp.linalg.norm(inverse, axis=0)
+  second = _second_directions(first)
+  rows = lower.T  # column i: L^T e_i
+  residual = (
+    jnp.sum(first * rows, axis=0)[:, None] ** 2 + jnp.einsum('kij,ki->ij', second, rows) ** 2
+  )
+  return first, second, residual

@@ -34,6 +34,16 @@ def _mean_and_stderr(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
   return mean, std / jnp.sqrt(n)
 
 
+def _exchangeable_mean(pairs: jax.Array, dtype: Any) -> HessianTrace:
+  """The mean of the leave-one-out estimates (the diagonal) and its standard error, see trace."""
+  pairs = pairs.astype(dtype)
+  m = pairs.shape[0]
+  t = jnp.diag(pairs)
+  d = t[:, None] - pairs  # d_ij: what probe j's part of the sketch changes in estimate i
+  variance = jnp.var(t, ddof=1) / m + jnp.sum(d * d.T) / (m * (m - 1))
+  return HessianTrace(estimate=jnp.mean(t), stderr=jnp.sqrt(jnp.maximum(variance, 0)))
+
+
 METHODS = ('hutchinson', 'hutch++', 'xtrace', 'xnystrace')
 _MIN_PROBES = {'hutchinson': 2, 'hutch++': 4, 'xtrace': 4, 'xnystrace': 2}
 
@@ -50,8 +60,8 @@ def trace(
 
   ``matvec`` is any product :math:`v \mapsto M v` on vectors like ``params``:
   :func:`hessian_operator`, :func:`ggn_operator`, :func:`fisher_operator` or
-  a user's own. Every method spends ``num_probes`` products on Rademacher
-  probes and reports a standard error.
+  a user's own. Every method spends ``num_probes`` products on random probes
+  (Rademacher; Gaussian for XTrace and XNysTrace) and reports a standard error.
 
   *Hutchinson*: with :math:`N` probes :math:`z_i`,
 
@@ -80,14 +90,14 @@ def trace(
   :math:`s`.
 
   *XTrace* (Epperly et al.) uses every probe both ways: with
-  :math:`m = \lfloor N / 2 \rfloor` probes it averages the :math:`m`
+  :math:`m = \lfloor N / 2 \rfloor` Gaussian probes it averages the :math:`m`
   leave-one-out estimates :math:`\hat t_i = \operatorname{tr}(Q_{(i)}^\top M
-  Q_{(i)}) + \omega_i^\top (I - Q_{(i)} Q_{(i)}^\top) M (I - Q_{(i)}
-  Q_{(i)}^\top) \omega_i`, :math:`Q_{(i)}` an orthonormal basis of
-  :math:`M \Omega_{-i}` (see :mod:`~optax_sam._src.diagnostics.exchangeable`),
-  and its ``stderr`` is the standard error of the :math:`\hat t_i`, which
-  accounts for the sketch's error too. It is exact (0 stderr) when
-  :math:`m - 1` is at least the rank of :math:`M`, so in particular when
+  Q_{(i)}) + \frac{n_i}{\|P_i \omega_i\|^2} \omega_i^\top P_i M P_i
+  \omega_i`, :math:`Q_{(i)}` an orthonormal basis of :math:`M \Omega_{-i}`,
+  :math:`P_i = I - Q_{(i)} Q_{(i)}^\top` of rank :math:`n_i` (the paper's
+  improved, normalized estimator; see
+  :mod:`~optax_sam._src.diagnostics.exchangeable`). It is exact (0 stderr)
+  when :math:`m - 1` is at least the rank of :math:`M`, so in particular when
   ``num_probes >= 2 (n + 1)`` for ``n`` parameters.
 
   *XNysTrace*, for positive semi-definite :math:`M` (a GGN, a Fisher, a
@@ -97,6 +107,26 @@ def trace(
   to rounding when :math:`M` has rank below :math:`N`;
   ``num_probes <= n`` (a Nystrom sketch of more probes than parameters is
   singular).
+
+  The ``stderr`` of both is their own. Each :math:`\hat t_i` is unbiased given
+  the other probes, but the :math:`\hat t_i` share their sketches, so their
+  spread alone misses their correlation (it covered the trace 68 to 77% of
+  the time at 2 stderr). With :math:`\hat t_{i \mid j}` the estimate of probe
+  :math:`i` from the sketch of the probes other than :math:`i` and
+  :math:`j` (a rank-two downdate, no more products), the covariance of
+  :math:`\hat t_i` and :math:`\hat t_j` is exactly
+  :math:`E[(\hat t_i - \hat t_{i \mid j})(\hat t_j - \hat t_{j \mid i})]`, and
+
+  .. math::
+
+    \mathrm{se}^2 = \frac{s^2}{m} + \frac{1}{m (m - 1)} \sum_{i \ne j}
+    (\hat t_i - \hat t_{i \mid j})(\hat t_j - \hat t_{j \mid i})
+
+  is unbiased for the variance of the mean (:math:`s` the sample standard
+  deviation of the :math:`\hat t_i`). On the benchmark's matrices (``n =
+  400``, 60 products, 200 seeds) its RMS was 1.00 to 1.07 times the actual
+  error and 2 stderr covered 94 to 99%; with few probes (``m < 20``) it is
+  itself noisy, so widen the bar.
 
   Cost: ``num_probes`` products (default 60) and, besides Hutchinson, stored
   vectors: ``num_probes // 3`` (Hutch++), ``2 num_probes`` (XTrace, four
@@ -152,13 +182,14 @@ def trace(
     estimate, stderr = _mean_and_stderr(samples)
     return HessianTrace(estimate=estimate, stderr=stderr)
   if method == 'xtrace':
-    samples = exchangeable.xtrace_samples(exchangeable.sketch(matvec, params, key, num_probes // 2))
-    estimate, stderr = _mean_and_stderr(samples.astype(dtype))
-    return HessianTrace(estimate=estimate, stderr=stderr)
+    sketch = exchangeable.sketch(matvec, params, key, num_probes // 2, 'normal')
+    return _exchangeable_mean(
+      exchangeable.xtrace_samples(sketch, hvp_lib.num_params(params)), dtype
+    )
   if method == 'xnystrace':
-    samples = exchangeable.xnystrace_samples(matvec, params, key, num_probes)
-    estimate, stderr = _mean_and_stderr(samples.astype(dtype))
-    return HessianTrace(estimate=estimate, stderr=stderr)
+    return _exchangeable_mean(
+      exchangeable.xnystrace_samples(matvec, params, key, num_probes), dtype
+    )
 
   s = num_probes // 3
   sketch_key, probe_key = jax.random.split(key)
