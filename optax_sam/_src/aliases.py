@@ -209,9 +209,8 @@ def friendly_sam(
     lmbda: EMA decay, in ``[0, 1]``.
     normalize: divide the ascent by the norm of ``d``.
     adaptive: ASAM's scaling of the ascent.
-    eta: ASAM's offset (``>= 0``).
-    adaptive_mask: selects the scaled leaves (``None``: all).
-    perturb_mask: selects the perturbed leaves (``None``: all; SAM-ON: the normalization layers).
+    eta, adaptive_mask, perturb_mask: ASAM's offset, the scaled and the perturbed leaves, as in
+      :func:`sam`.
     stable: StableSAM's renormalization.
     eps: added to norms in denominators (``>= 0``).
     ema_dtype: dtype of the EMA buffer (default: the parameters' dtype).
@@ -269,9 +268,8 @@ def stable_sam(
     rho: perturbation radius (``>= 0``) or a schedule.
     normalize: use SAM's normalized ascent instead of the paper's USAM ascent.
     adaptive: ASAM's scaling, also of both norms.
-    eta: ASAM's offset (``>= 0``).
-    adaptive_mask: selects the scaled leaves (``None``: all).
-    perturb_mask: selects the perturbed leaves (``None``: all; SAM-ON: the normalization layers).
+    eta, adaptive_mask, perturb_mask: ASAM's offset, the scaled and the perturbed leaves, as in
+      :func:`sam`.
     eps: added to norms in denominators (``>= 0``).
     axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype, when: the
       wrapper's options, the same for every alias (see :func:`sharpness_aware`).
@@ -519,9 +517,8 @@ def vasso(
     rho: perturbation radius (``>= 0``) or a schedule.
     theta: the weight of the new gradient in ``d``, in ``[0, 1]``.
     adaptive: ASAM's scaling of the ascent.
-    eta: ASAM's offset (``>= 0``).
-    adaptive_mask: selects the scaled leaves (``None``: all).
-    perturb_mask: selects the perturbed leaves (``None``: all; SAM-ON: the normalization layers).
+    eta, adaptive_mask, perturb_mask: ASAM's offset, the scaled and the perturbed leaves, as in
+      :func:`sam`.
     eps: added to the norm (``>= 0``; the official code's 1e-7).
     axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype, when: the
       wrapper's options, the same for every alias (see :func:`sharpness_aware`).
@@ -636,9 +633,8 @@ def unified_sam(
     rho: perturbation radius (``>= 0``) or a schedule.
     lmbda: the weight of the normalized ascent, in ``[0, 1]``, or a schedule.
     adaptive: ASAM's scaling of the ascent.
-    eta: ASAM's offset (``>= 0``).
-    adaptive_mask: selects the scaled leaves (``None``: all).
-    perturb_mask: selects the perturbed leaves (``None``: all; SAM-ON: the normalization layers).
+    eta, adaptive_mask, perturb_mask: ASAM's offset, the scaled and the perturbed leaves, as in
+      :func:`sam`.
     eps: added to the norm (``>= 0``).
     axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype, when: the
       wrapper's options, the same for every alias (see :func:`sharpness_aware`).
