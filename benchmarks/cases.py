@@ -49,6 +49,7 @@ class Variant(NamedTuple):
       weights: ``'none'``, ``'norm'`` (a float32 scalar) or ``'gradient'``.
     two_phase: whether the variant has a two-phase mode (Lookbehind-SAM's
       cycle of inner steps has none).
+    key_state: carries a PRNG key (m-RWP's noise: two uint32).
   """
 
   name: str
@@ -57,6 +58,7 @@ class Variant(NamedTuple):
   ema_state: bool
   prepared: str
   two_phase: bool = True
+  key_state: bool = False
 
 
 VARIANTS = (
@@ -129,17 +131,26 @@ VARIANTS = (
     'none',
     two_phase=False,
   ),
+  Variant(
+    'mrwp',
+    lambda b, tp: optax_sam.mrwp(b, two_phase=tp),
+    'mrwp(base) (random noise of scale sigma = 0.01 per filter; the gradients mixed 1:1)',
+    False,
+    'gradient',
+    key_state=True,
+  ),
 )
 
 
 def documented_state_bytes(variant: Variant, two_phase: bool, param_bytes: int) -> int:
   """The bytes of state a variant adds to the base optimizer's, from its documentation.
 
-  One-call mode: F-SAM's EMA and step count, nothing otherwise. Two-phase
-  mode adds a copy of the weights, the correction's prepared value and the
-  int32 phase flag.
+  One-call mode: F-SAM's EMA and step count, m-RWP's key (two uint32),
+  nothing otherwise. Two-phase mode adds a copy of the weights, the
+  correction's prepared value and the int32 phase flag.
   """
   extra = param_bytes + INT32_BYTES if variant.ema_state else 0
+  extra += 2 * INT32_BYTES if variant.key_state else 0
   if two_phase:
     prepared = {'none': 0, 'norm': FLOAT32_BYTES, 'gradient': param_bytes}[variant.prepared]
     extra += param_bytes + prepared + INT32_BYTES

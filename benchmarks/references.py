@@ -25,6 +25,7 @@ EPS = 1e-12
 THETA, VASSO_EPS = 0.9, 1e-7  # VaSSO's defaults
 UNIFIED_RHO = 0.1  # unified_sam's default radius (its default lmbda = 1 is SAM's ascent)
 WSAM_WEIGHT = 0.9 / (1 - 0.9)  # WSAM's gamma / (1 - gamma) at gamma = 0.9
+MRWP_SIGMA, MRWP_LMBDA = 0.01, 0.5  # mrwp's defaults
 LEARNING_RATE = 0.1  # benchmarks.cases.LEARNING_RATE, WSAM's decoupled term's rate
 SAMPA_RHO, SAMPA_LMBDA = 0.1, 0.2  # sampa's defaults
 
@@ -134,6 +135,36 @@ def _wsam_outside(g, g_adv):
   return jax.tree.map(lambda a, x: -LEARNING_RATE * WSAM_WEIGHT * (a - x), g_adv, g)
 
 
+def _mrwp_init(params):
+  del params
+  return jax.random.key_data(jax.random.key(0))  # mrwp's seed=0
+
+
+def _filter_norms(w):
+  """The norm of each output filter (the last axis) of a kernel; a vector's whole norm + 1e-16."""
+  if w.ndim <= 1:
+    return jnp.linalg.norm(w) + 1e-16
+  return jnp.sqrt(jnp.sum(w * w, axis=tuple(range(w.ndim - 1)), keepdims=True))
+
+
+def _mrwp_ascent(g, params, key_data):
+  """e ~ N(0, (sigma ||W_i||)^2) per filter, whatever g: one fresh draw per step, a key per leaf."""
+  del g
+  key, draw = jax.random.split(jax.random.wrap_key_data(key_data))
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(draw, len(leaves))
+  noise = [
+    jax.random.normal(k, w.shape) * _filter_norms(w) * MRWP_SIGMA
+    for k, w in zip(keys, leaves, strict=True)
+  ]
+  return jax.tree.unflatten(treedef, noise), jax.random.key_data(key)
+
+
+def _mix(g, g_adv):
+  """(1 - lmbda) g + lmbda g_adv, written g + lmbda (g_adv - g)."""
+  return jax.tree.map(lambda a, x: a + MRWP_LMBDA * (x - a), g, g_adv)
+
+
 _no_state = lambda params: ()
 
 MATH = {
@@ -147,6 +178,7 @@ MATH = {
   'vasso': Math(_vasso_ascent, _identity, _fsam_init),
   'gcsam': Math(_gcsam_ascent, _identity, _no_state),
   'unifiedsam': Math(_unified_ascent, _identity, _no_state),
+  'mrwp': Math(_mrwp_ascent, _mix, _mrwp_init),
 }
 
 

@@ -113,3 +113,34 @@ def test_every_device_draws_the_same_noise():
   shards = lambda a: a.reshape(8, 2, *a.shape[1:])
   got = jax.pmap(step, axis_name='d', in_axes=(None, 0, 0))(params, shards(x), shards(y))
   assert helpers.max_diff(jax.tree.map(lambda a: a[0], got), want) < 1e-6
+
+
+def test_the_benchmarks_hand_written_step_is_the_alias_step():
+  """benchmarks.run's ``ref/mrwp`` (the math written out, the same key splits) equals ``mrwp``."""
+  from types import SimpleNamespace  # noqa: PLC0415
+
+  from benchmarks import references  # noqa: PLC0415 - the benchmarks are not the library
+
+  def loss(p, model_state, batch):
+    x, y = batch
+    hidden = jnp.tanh(x @ p['dense']['kernel'] + p['dense']['bias'])
+    return jnp.mean((hidden @ p['out'] - y) ** 2), model_state
+
+  k = jax.random.split(jax.random.key(0), 5)
+  params = {
+    'dense': {'kernel': jax.random.normal(k[0], (4, 8)), 'bias': jax.random.normal(k[1], (8,))},
+    'out': jax.random.normal(k[2], (8, 2)),
+  }
+  batch = (jax.random.normal(k[3], (16, 4)), jax.random.normal(k[4], (16, 2)))
+  base = optax.sgd(0.1, momentum=0.9)
+  init, step = references.reference_step(SimpleNamespace(loss=loss), base, references.MATH['mrwp'])
+  tx = optax_sam.mrwp(base)
+  grad_fn = jax.grad(lambda w: loss(w, None, batch)[0])
+  state, reference_state, w, reference_w = tx.init(params), init(params), params, params
+  for _ in range(3):
+    updates, state = tx.update(grad_fn(w), state, w, grad_fn=grad_fn)
+    w = optax.apply_updates(w, updates)
+    reference_w, reference_state, _, _ = step(reference_w, reference_state, None, batch)
+    for a, b in zip(jax.tree.leaves(w), jax.tree.leaves(reference_w), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert not np.allclose(w['out'], params['out'])

@@ -978,6 +978,7 @@ VARIANTS: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] = {
   'unifiedsam': unified_sam,
   'lookbehind': lookbehind_sam,
   'sampa': sampa,
+  'mrwp': mrwp,  # its radius is sigma, the noise's scale relative to each filter's norm
 }
 # Not named here: preconditioned_sam needs an Adam base optimizer (the example and the benchmarks
 # train with SGD); tests/helpers.py runs it around AdamW.

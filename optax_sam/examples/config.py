@@ -36,12 +36,12 @@ COMBINABLE = ('sam', 'usam', 'asam', 'fsam', 'stable')
 LR_SCHEDULES = ('cosine', 'constant')
 GROUP_ROUTES = ('vmap', 'scan')
 # Variants built by their alias with its defaults (the radius from --rho).
-NAMED = ('wsam', 'vasso', 'gcsam', 'unifiedsam', 'lookbehind', 'sampa')
+NAMED = ('wsam', 'vasso', 'gcsam', 'unifiedsam', 'lookbehind', 'sampa', 'mrwp')
 # Named variants with their own step shape: no --sam-every/--sam-after, --m-sharpness, --accumulate.
 OWN_STEP = ('lookbehind', 'sampa')
 OPTIMIZER_CHOICES = (
   'sgd, sam, usam, asam, fsam, stablesam, gsam, looksam, msam, wsam, vasso, gcsam, unifiedsam, '
-  'lookbehind, sampa, '
+  'lookbehind, sampa, mrwp, '
   'or SAM variants joined by + '
   '(parts sam, usam, asam, fsam, stable; e.g. fsam+stable, asam+stable, usam+stable, fsam+asam)'
 )
@@ -152,6 +152,18 @@ def library_default(optimizer: Callable[..., Any], name: str) -> Any:
   return inspect.signature(optimizer).parameters[name].default
 
 
+def radius_name(optimizer: Callable[..., Any]) -> str:
+  """The name of ``optimizer``'s radius: its parameter after the base optimizer.
+
+  Example:
+    >>> import optax_sam
+    >>> from optax_sam.examples import config
+    >>> config.radius_name(optax_sam.sam), config.radius_name(optax_sam.mrwp)
+    ('rho', 'sigma')
+  """
+  return list(inspect.signature(optimizer).parameters)[1]
+
+
 def library_rho_defaults() -> dict[str, float]:
   """The library's default ``rho`` of each optimizer the example's names build."""
   return {
@@ -168,8 +180,8 @@ def default_rho(spec: OptimizerSpec) -> float:
   """The radius the library's optimizer defaults to (0 for SGD).
 
   A name with ASAM's scaling takes :func:`optax_sam.asam`'s, whatever else it
-  combines; ``looksam``, ``msam``, ``gsam`` and ``fsam`` their own aliases';
-  the others :func:`optax_sam.sam`'s.
+  combines; ``looksam``, ``msam``, ``gsam``, ``fsam`` and the named variants
+  their own aliases' (``mrwp``: its ``sigma``); the others :func:`optax_sam.sam`'s.
 
   Example:
     >>> from optax_sam.examples import config
@@ -178,8 +190,8 @@ def default_rho(spec: OptimizerSpec) -> float:
   """
   if not spec.sam:
     return 0.0
-  if spec.named:
-    return library_default(aliases.VARIANTS[spec.named], 'rho')
+  if spec.named:  # the radius: the parameter after the base optimizer (m-RWP's sigma)
+    return library_default(aliases.VARIANTS[spec.named], radius_name(aliases.VARIANTS[spec.named]))
   defaults = library_rho_defaults()
   if spec.look:
     return defaults['looksam']

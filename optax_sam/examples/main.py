@@ -72,7 +72,11 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
 
   rho = config_lib.library_rho_defaults()
   flag('dataset', help=f'{", ".join(data_lib.DATASETS)} (default: %(default)s)')
-  flag('rho', type=NUMBER, help=f'SAM radius (default: {rho["sam"]:g}, {rho["asam"]:g} with asam)')
+  flag(
+    'rho',
+    type=NUMBER,
+    help=f'SAM radius (default: {rho["sam"]:g}, {rho["asam"]:g} with asam; mrwp: its sigma)',
+  )
   flag('lr', type=NUMBER, help='peak learning rate (default: %(default)s)')
   flag('momentum', type=NUMBER, help='SGD momentum (default: %(default)s)')
   flag('weight-decay', type=NUMBER, help='weight decay of the kernels (default: %(default)s)')

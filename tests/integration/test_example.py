@@ -238,6 +238,7 @@ def expected_optimizer(name):
     'unifiedsam': optax_sam.unified_sam(base, 0.1),
     'lookbehind': optax_sam.lookbehind_sam(base, 0.05),
     'sampa': optax_sam.sampa(base, 0.1),
+    'mrwp': optax_sam.mrwp(base, sigma=0.01),  # --rho is its sigma
   }[name]
 
 
@@ -262,13 +263,23 @@ def assert_same_steps(ours, theirs, steps, grad_fn_too=True):
 @pytest.mark.parametrize(
   'name',
   ['sgd', 'sam', 'usam', 'asam', 'fsam', 'stablesam', 'gsam', 'fsam+stable', 'asam+stable',
-   'fsam+asam', 'wsam', 'vasso', 'gcsam', 'unifiedsam', 'lookbehind', 'sampa'],
+   'fsam+asam', 'wsam', 'vasso', 'gcsam', 'unifiedsam', 'lookbehind', 'sampa', 'mrwp'],
 )  # fmt: skip
 def test_create_optimizer_builds_the_named_alias(name):
   config = config_lib.Config(optimizer=name, lr_schedule='constant', **BASE)
   ours, theirs = train.create_optimizer(config, steps_per_epoch=10), expected_optimizer(name)
   params, trained = assert_same_steps(ours, theirs, 3, grad_fn_too=name != 'sgd')
   assert not np.allclose(trained['kernel'], params['kernel'])
+
+
+def test_mrwp_trains_with_its_sigma_as_the_radius(tmp_path, digits):
+  """``--optimizer mrwp``: the default radius is m-RWP's sigma, and a short run trains."""
+  config = dataclasses.replace(TINY, optimizer='mrwp')
+  assert config_lib.default_rho(config_lib.parse_optimizer('mrwp')) == 0.01
+  metrics = train.train_and_evaluate(
+    config, tmp_path, dataset=digits, progress=False, log=lambda _: None
+  )
+  assert np.isfinite(metrics['final']['train_loss']) and 0 <= metrics['final']['test_accuracy'] <= 1
 
 
 def test_sampa_pairs_each_batch_with_the_one_before(tmp_path, digits, monkeypatch):
