@@ -26,6 +26,7 @@ THETA, VASSO_EPS = 0.9, 1e-7  # VaSSO's defaults
 UNIFIED_RHO = 0.1  # unified_sam's default radius (its default lmbda = 1 is SAM's ascent)
 WSAM_WEIGHT = 0.9 / (1 - 0.9)  # WSAM's gamma / (1 - gamma) at gamma = 0.9
 MRWP_SIGMA, MRWP_LMBDA = 0.01, 0.5  # mrwp's defaults
+LOOKBEHIND_K, LOOKBEHIND_ALPHA, LOOKBEHIND_EPS = 5, 0.5, 1e-16  # lookbehind_sam's defaults
 LEARNING_RATE = 0.1  # benchmarks.cases.LEARNING_RATE, WSAM's decoupled term's rate
 SAMPA_RHO, SAMPA_LMBDA = 0.1, 0.2  # sampa's defaults
 
@@ -245,4 +246,30 @@ def sampa_step(model: Model, base: optax.GradientTransformation):
 
 
 # The variants whose step is not an ascent and a correction: their own hand-written step.
-STEPS = {'sampa': sampa_step}
+def lookbehind_step(model: Model, base: optax.GradientTransformation):
+  """``(init, step)`` of Lookbehind-SAM written out: ``k`` ascents and descents, then interpolate.
+
+  From the slow weights ``s``: ``a = phi = s``; ``k`` times ``a += rho g / (||g|| + 1e-16)`` with
+  ``g`` the last gradient (the clean one first), ``g = grad(a)``, ``phi = phi + base(g, phi)``; then
+  ``s' = alpha phi + (1 - alpha) s``. The state is the base optimizer's.
+  """
+  value_and_grad = jax.value_and_grad(model.loss, has_aux=True)
+
+  def step(params, base_state, model_state, batch):
+    (loss, new_model_state), g = value_and_grad(params, model_state, batch)
+    ascended, fast = params, params
+    for _ in range(LOOKBEHIND_K):
+      scale = RHO / (optax.tree.norm(g) + LOOKBEHIND_EPS)
+      ascended = jax.tree.map(lambda a, x, c=scale: a + c * x, ascended, g)
+      g = jax.grad(model.loss, has_aux=True)(ascended, model_state, batch)[0]
+      updates, base_state = base.update(g, base_state, fast)
+      fast = optax.apply_updates(fast, updates)
+    slow = jax.tree.map(
+      lambda s, f: LOOKBEHIND_ALPHA * f + (1 - LOOKBEHIND_ALPHA) * s, params, fast
+    )
+    return slow, base_state, new_model_state, loss
+
+  return base.init, step
+
+
+STEPS = {'sampa': sampa_step, 'lookbehind': lookbehind_step}

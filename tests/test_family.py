@@ -187,6 +187,26 @@ def test_lookbehind_sam_with_k_1_and_alpha_1_is_sam():
   assert helpers.max_diff(got, want) < 1e-6
 
 
+def test_the_benchmarks_hand_written_lookbehind_step_is_the_alias_step():
+  """benchmarks.run's ``ref/lookbehind`` (the cycle written out) equals ``lookbehind_sam``."""
+  from types import SimpleNamespace  # noqa: PLC0415
+
+  from benchmarks import references  # noqa: PLC0415 - the benchmarks are not the library
+
+  params, loss, grad_fn = helpers.problem()
+  model = SimpleNamespace(loss=lambda p, model_state, batch: (loss(p), model_state))
+  base = optax.sgd(0.1, momentum=0.9)
+  init, step = references.lookbehind_step(model, base)
+  tx = optax_sam.lookbehind_sam(base, references.RHO)
+  state, reference_state, w, reference_w = tx.init(params), init(params), params, params
+  for _ in range(3):
+    updates, state = tx.update(grad_fn(w), state, w, grad_fn=grad_fn)
+    w = optax.apply_updates(w, updates)
+    reference_w, reference_state, _, _ = step(reference_w, reference_state, None, None)
+  assert helpers.max_diff(w, reference_w) < 1e-6
+  assert helpers.max_diff(w, params) > 1e-3
+
+
 def test_lookbehind_sam_refuses_what_its_shape_cannot_do():
   for options in (dict(two_phase=True), dict(statistics=True), dict(when=optax_sam.every(2))):
     with pytest.raises(ValueError, match=f'lookbehind_sam does not take {next(iter(options))}'):
