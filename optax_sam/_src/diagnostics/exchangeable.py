@@ -96,7 +96,7 @@ def sketch(
   columns = jnp.linalg.inv(r + jnp.diag((~kept).astype(r.dtype))).T
   s = columns / jnp.linalg.norm(columns, axis=0) * jnp.all(kept)
   w, h, t = tree_basis.gram(q, omega), tree_basis.gram(q, z), tree_basis.gram(z, omega)
-  oy, oo = jnp.diag(tree_basis.gram(omega, y)), jnp.diag(tree_basis.gram(omega, omega))
+  oy, oo = tree_basis.row_dots(omega, y), tree_basis.row_dots(omega, omega)
   return Sketch(omega, y, q, z, r, s, w, h, t, oy, oo, jnp.sum(kept))
 
 

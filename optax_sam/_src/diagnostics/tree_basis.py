@@ -72,6 +72,16 @@ def gram(basis_a: Any, basis_b: Any) -> jax.Array:
   return sum(parts[1:], parts[0])
 
 
+def row_dots(basis_a: Any, basis_b: Any) -> jax.Array:
+  """The inner products ``<a_i, b_i>`` of matching rows, shape ``[m]`` (the diagonal of gram)."""
+  dtype = numerics.accumulation_dtype((basis_a, basis_b))
+  parts = [
+    jnp.sum(a.astype(dtype) * b.astype(dtype), axis=tuple(range(1, a.ndim)))
+    for a, b in zip(jax.tree.leaves(basis_a), jax.tree.leaves(basis_b), strict=True)
+  ]
+  return sum(parts[1:], parts[0])
+
+
 def project_out(basis: Any, vector: Any, passes: int = 2) -> Any:
   """``vector`` minus its projection on the span of orthonormal (or zero) basis vectors.
 
