@@ -31,6 +31,12 @@ def problem(dtype=jnp.float32, seed=0):
   return params, loss, grad_fn
 
 
+def batch(seed):
+  """Another batch ``(x, y)`` of :func:`problem`'s shapes, for its ``loss(p, x, y)``."""
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  return jax.random.normal(k1, (16, 5)), jax.random.normal(k2, (16, 3))
+
+
 def numpy_grad(grad_fn):
   """The same gradient function on dicts of NumPy arrays."""
 

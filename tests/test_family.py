@@ -221,8 +221,7 @@ def test_lookbehind_sam_refuses_what_its_shape_cannot_do():
 @pytest.mark.devices(8)
 def test_lookbehind_sam_on_eight_devices_equals_one():
   params, loss, _ = helpers.problem()
-  k1, k2 = jax.random.split(jax.random.key(5))
-  x, y = jax.random.normal(k1, (16, 5)), jax.random.normal(k2, (16, 3))
+  x, y = helpers.batch(5)
   grad = jax.grad(lambda p, x, y: loss(p, x, y))
   make = lambda **o: optax_sam.lookbehind_sam(optax.sgd(0.1, momentum=0.9), k=3, alpha=None, **o)
   single = make()
@@ -357,8 +356,7 @@ def test_when_every_2_alternates_sam_and_plain_steps(name):
 def test_micro_batches_with_one_group_equal_the_whole_batch(name):
   """m-sharpness with the batch as one group is the plain step, on both routes."""
   params, loss, _ = helpers.problem()
-  k1, k2 = jax.random.split(jax.random.key(3))
-  x, y = jax.random.normal(k1, (16, 5)), jax.random.normal(k2, (16, 3))
+  x, y = helpers.batch(3)
   grad = jax.grad(lambda p, batch: loss(p, *batch))
   tx = FAMILY[name].make(optax.sgd(0.1, momentum=0.9))
   want, _ = tx.update(
@@ -375,8 +373,7 @@ def test_micro_batches_with_one_group_equal_the_whole_batch(name):
 def test_eight_devices_with_global_perturbation_equal_one(name):
   """Under pmap, gradients averaged over 8 devices: the step of the whole batch."""
   params, loss, _ = helpers.problem()
-  k1, k2 = jax.random.split(jax.random.key(4))
-  x, y = jax.random.normal(k1, (16, 5)), jax.random.normal(k2, (16, 3))
+  x, y = helpers.batch(4)
   grad = jax.grad(lambda p, x, y: loss(p, x, y))
   single = FAMILY[name].make(optax.sgd(0.1, momentum=0.9))
   want, _ = single.update(

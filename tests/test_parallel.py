@@ -209,8 +209,7 @@ def run_plain(tx, params, grad_fn, steps, step=None):
 def test_data_parallel_axis_averages_both_gradients():
   """pmap over 4 devices, each a quarter of the batch: the whole batch's step."""
   params, loss, _ = helpers.problem()
-  k1, k2 = jax.random.split(jax.random.key(5))
-  x, y = jax.random.normal(k1, (16, 5)), jax.random.normal(k2, (16, 3))
+  x, y = helpers.batch(5)
   grad = jax.grad(lambda p, x, y: loss(p, x, y))
   base = optax.sgd(0.1, momentum=0.9)
   want, _ = run_plain(optax_sam.sampa(base), params, lambda p: grad(p, x, y), 2)

@@ -96,8 +96,7 @@ def test_sigma_zero_and_lambda_one_is_the_base_optimizer_and_errors():
 def test_every_device_draws_the_same_noise():
   """Under pmap with axis_name the replicated key gives one perturbation: the whole batch's step."""
   params, loss, _ = helpers.problem()
-  k1, k2 = jax.random.split(jax.random.key(4))
-  x, y = jax.random.normal(k1, (16, 5)), jax.random.normal(k2, (16, 3))
+  x, y = helpers.batch(4)
   grad = jax.grad(lambda p, x, y: loss(p, x, y))
   single = optax_sam.mrwp(optax.sgd(0.1), sigma=0.3)
   want, _ = single.update(
