@@ -191,7 +191,8 @@ def default_rho(spec: OptimizerSpec) -> float:
   if not spec.sam:
     return 0.0
   if spec.named:  # the radius: the parameter after the base optimizer (m-RWP's sigma)
-    return library_default(aliases.VARIANTS[spec.named], radius_name(aliases.VARIANTS[spec.named]))
+    optimizer = aliases.VARIANTS[spec.named]
+    return library_default(optimizer, radius_name(optimizer))
   defaults = library_rho_defaults()
   if spec.look:
     return defaults['looksam']
