@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_sam._src import numerics
-from optax_sam._src.diagnostics import exchangeable, trace_estimators
+from optax_sam._src.diagnostics import exchangeable
 from optax_sam._src.diagnostics import hvp as hvp_lib
 
 DEFAULT_DIAGONAL_PROBES = 60
@@ -77,12 +77,21 @@ def diagonal(
     \hat d_i = \operatorname{diag}(Q_{(i)} Q_{(i)}^\top M) +
     \omega_i \odot (I - Q_{(i)} Q_{(i)}^\top) M \omega_i,
 
-  and the estimate is their mean, ``stderr`` their standard error entry by
-  entry: the paper's estimate, which misses the correlation of the
-  :math:`\hat d_i` and is optimistic, as it is for XTrace before its
-  correction (see :func:`trace`). Exact when :math:`m - 1` is at least the rank of :math:`M` (in
+  and the estimate is their mean. The :math:`\hat d_i` share sketches, so
+  they are correlated, and their spread alone (the paper's error estimate)
+  is optimistic; as for XTrace (see :func:`trace`), ``stderr`` adds to it
+  the covariance of each pair, estimated without bias from the estimates
+  that leave out two probes, entry by entry:
+
+  .. math::
+
+    \mathrm{stderr}^2 = \frac{s^2}{m} + \frac{1}{m(m-1)} \sum_{i \ne j}
+    (\hat d_i - \hat d_{i \mid j}) \odot (\hat d_j - \hat d_{j \mid i}),
+
+  with :math:`s^2` the sample variance of the :math:`\hat d_i` (clipped at
+  0 where the sum is negative). Exact when :math:`m - 1` is at least the rank of :math:`M` (in
   particular when ``num_probes >= 2 (n + 1)``); far more accurate than
-  Hutchinson when the spectrum decays fast. Stores ``2 num_probes`` vectors.
+  Hutchinson when the spectrum decays fast. Stores about ``4 num_probes`` vectors.
 
   Args:
     matvec: ``matvec(v) -> Mv`` for ``v`` like ``params`` (symmetric :math:`M`).
@@ -117,8 +126,16 @@ def diagonal(
   )
   if method == 'hutchinson':
     return Diagonal(*_hutchinson(matvec, params, key, num_probes))
-  samples = exchangeable.xdiag_samples(exchangeable.sketch(matvec, params, key, num_probes // 2))
+  sk = exchangeable.sketch(matvec, params, key, num_probes // 2)
+  samples, covariance = exchangeable.xdiag_samples(sk), exchangeable.xdiag_covariance(sk)
   dtype = numerics.accumulation_dtype(params)
-  pairs = jax.tree.map(lambda s: trace_estimators._mean_and_stderr(s.astype(dtype)), samples)
+  m = num_probes // 2
+
+  def mean_and_stderr(s, c):
+    s = s.astype(dtype)
+    variance = jnp.var(s, axis=0, ddof=1) / m + c
+    return jnp.mean(s, axis=0), jnp.sqrt(jnp.maximum(variance, 0))
+
+  pairs = jax.tree.map(mean_and_stderr, samples, covariance)
   outer, inner = jax.tree.structure(samples), jax.tree.structure((0, 0))
   return Diagonal(*jax.tree.transpose(outer, inner, pairs))

@@ -100,17 +100,27 @@ def sketch(
   return Sketch(omega, y, q, z, r, s, w, h, t, oy, oo, jnp.sum(kept))
 
 
+def _second_coefficients(first: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``[i, j]`` ``(alpha, beta)`` with ``alpha first[:, j] + beta first[:, i]`` the unit part of
+  column ``j`` of ``first`` orthogonal to its column ``i`` (unit columns); both zero where
+  ``i == j`` (or the columns are parallel, or zero)."""
+  overlap = first.T @ first  # [i, j]
+  # The length of the [k, i, j] difference itself, not sqrt(1 - overlap^2), which cancels to
+  # rounding (not to 0) at i == j.
+  length = jnp.linalg.norm(first[:, None, :] - first[:, :, None] * overlap[None], axis=0)
+  keep = length > lanczos_lib.default_rtol(first.dtype) * jnp.linalg.norm(first, axis=0)[None]
+  alpha = jnp.where(keep, 1 / jnp.where(keep, length, 1), 0)
+  return alpha, -overlap * alpha
+
+
 def _second_directions(first: jax.Array) -> jax.Array:
   """``[k, i, j]``: the unit part of column ``j`` of ``first`` orthogonal to its column ``i``.
 
   With ``first[:, i]`` it spans what leaving out probes ``i`` and ``j`` removes; zero where
   ``i == j`` (or the columns are parallel, or zero), so index ``[:, i, i]`` leaves out ``i`` alone.
   """
-  overlap = first.T @ first  # [i, j]
-  rest = first[:, None, :] - first[:, :, None] * overlap[None]
-  length = jnp.linalg.norm(rest, axis=0)
-  keep = length > lanczos_lib.default_rtol(first.dtype) * jnp.linalg.norm(first, axis=0)[None]
-  return rest * jnp.where(keep, 1 / jnp.where(keep, length, 1), 0)[None]
+  alpha, beta = _second_coefficients(first)
+  return first[:, None, :] * alpha[None] + first[:, :, None] * beta[None]
 
 
 def xtrace_samples(sk: Sketch, n: int) -> jax.Array:
@@ -178,6 +188,53 @@ def xdiag_samples(sk: Sketch) -> Any:
     sk.y,
     kept,
   )
+
+
+def xdiag_covariance(sk: Sketch) -> Any:
+  r"""The mean over pairs :math:`i \ne j` of :math:`(\hat d_i - \hat d_{i \mid j}) \odot
+  (\hat d_j - \hat d_{j \mid i})`, entry by entry, like ``params``.
+
+  :math:`\hat d_{i \mid j}` is probe :math:`i`'s XDiag estimate with the sketch of the probes
+  other than :math:`i` and :math:`j`, which removes from the coordinates of :math:`Q` also
+  :math:`u_{ij}`, the unit part of :math:`s_j` orthogonal to :math:`s_i` (see
+  :func:`xtrace_samples`). What that changes in :math:`\hat d_i` is
+
+  .. math::
+
+    \hat d_i - \hat d_{i \mid j} = Q u_{ij} \odot (Z u_{ij} - (u_{ij}^\top r_i)\, \omega_i),
+    \qquad u_{ij} = \alpha_{ij} s_j + \beta_{ij} s_i,
+
+  so each pair costs a few operations per entry on the stored :math:`Q S` and :math:`Z S`
+  (:math:`O(m^2 n)` in all, a loop over :math:`i` holding :math:`m` vectors at a time). As
+  for XTrace, each :math:`\hat d_i` is unbiased given the other probes, so this is an unbiased
+  estimate of the covariance of :math:`\hat d_i` and :math:`\hat d_j`, entry by entry.
+  """
+  m = sk.s.shape[0]
+  dtype = numerics.accumulation_dtype(sk.q)
+  alpha, beta = _second_coefficients(sk.s)
+  along = sk.s.T @ sk.r  # [j, i]: s_j^T r_i
+  a = alpha * along.T + beta * jnp.diag(along)[:, None]  # [i, j]: u_ij^T r_i
+  qs = tree_basis.combine(sk.q, sk.s.T)  # row j: Q s_j
+  zs = tree_basis.combine(sk.z, sk.s.T)
+
+  def add_pairs_of(i, total):
+    def leaf(total, qs, zs, omega):
+      qs, zs, omega = qs.astype(dtype), zs.astype(dtype), omega.astype(dtype)
+      col = lambda x: x.reshape((m,) + (1,) * (qs.ndim - 1))  # noqa: E731
+      qs_i, zs_i, omega_i = qs[i], zs[i], omega[i]
+      # Row j: d_i - d_i|j, then d_j - d_j|i.
+      ij = (col(alpha[i]) * qs + col(beta[i]) * qs_i) * (
+        col(alpha[i]) * zs + col(beta[i]) * zs_i - col(a[i]) * omega_i
+      )
+      ji = (col(alpha[:, i]) * qs_i + col(beta[:, i]) * qs) * (
+        col(alpha[:, i]) * zs_i + col(beta[:, i]) * zs - col(a[:, i]) * omega
+      )
+      return total + jnp.sum(ij * ji, axis=0)
+
+    return jax.tree.map(leaf, total, qs, zs, sk.omega)
+
+  zeros = jax.tree.map(lambda b: jnp.zeros(b.shape[1:], dtype), sk.q)
+  return numerics.scale_tree(jax.lax.fori_loop(0, m, add_pairs_of, zeros), 1 / (m * (m - 1)))
 
 
 def xnystrace_samples(
