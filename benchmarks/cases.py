@@ -50,6 +50,7 @@ class Variant(NamedTuple):
     two_phase: whether the variant has a two-phase mode (Lookbehind-SAM's
       cycle of inner steps has none).
     key_state: carries a PRNG key (m-RWP's noise: two uint32).
+    fisher_state: carries a float32 buffer of the parameters' size (m-ARWP's F).
   """
 
   name: str
@@ -59,6 +60,7 @@ class Variant(NamedTuple):
   prepared: str
   two_phase: bool = True
   key_state: bool = False
+  fisher_state: bool = False
 
 
 VARIANTS = (
@@ -139,6 +141,15 @@ VARIANTS = (
     'gradient',
     key_state=True,
   ),
+  Variant(
+    'marwp',
+    lambda b, tp: optax_sam.marwp(b, two_phase=tp),
+    'marwp(base) (m-RWP, the noise divided by sqrt(1 + F_i); F the sum of squared g_adv)',
+    False,
+    'gradient',
+    key_state=True,
+    fisher_state=True,
+  ),
 )
 
 
@@ -146,11 +157,13 @@ def documented_state_bytes(variant: Variant, two_phase: bool, param_bytes: int) 
   """The bytes of state a variant adds to the base optimizer's, from its documentation.
 
   One-call mode: F-SAM's EMA and step count, m-RWP's key (two uint32),
-  nothing otherwise. Two-phase mode adds a copy of the weights, the
-  correction's prepared value and the int32 phase flag.
+  m-ARWP's F (float32, the parameters' size), nothing otherwise. Two-phase
+  mode adds a copy of the weights, the correction's prepared value and the
+  int32 phase flag.
   """
   extra = param_bytes + INT32_BYTES if variant.ema_state else 0
   extra += 2 * INT32_BYTES if variant.key_state else 0
+  extra += param_bytes if variant.fisher_state else 0  # float32 parameters in the benchmarks
   if two_phase:
     prepared = {'none': 0, 'norm': FLOAT32_BYTES, 'gradient': param_bytes}[variant.prepared]
     extra += param_bytes + prepared + INT32_BYTES

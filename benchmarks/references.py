@@ -26,6 +26,7 @@ THETA, VASSO_EPS = 0.9, 1e-7  # VaSSO's defaults
 UNIFIED_RHO = 0.1  # unified_sam's default radius (its default lmbda = 1 is SAM's ascent)
 WSAM_WEIGHT = 0.9 / (1 - 0.9)  # WSAM's gamma / (1 - gamma) at gamma = 0.9
 MRWP_SIGMA, MRWP_LMBDA = 0.01, 0.5  # mrwp's defaults
+MARWP_ETA, MARWP_BETA = 1.0, 0.9  # marwp's defaults (its sigma and lmbda are mrwp's)
 LOOKBEHIND_K, LOOKBEHIND_ALPHA, LOOKBEHIND_EPS = 5, 0.5, 1e-16  # lookbehind_sam's defaults
 LEARNING_RATE = 0.1  # benchmarks.cases.LEARNING_RATE, WSAM's decoupled term's rate
 SAMPA_RHO, SAMPA_LMBDA = 0.1, 0.2  # sampa's defaults
@@ -40,12 +41,15 @@ class Math(NamedTuple):
     init: ``init(params) -> state`` of the ascent (``()`` when there is none).
     outside: ``outside(g, g_adv) -> updates`` added to the base optimizer's (WSAM's decoupled
       term), or ``None``.
+    observe: ``observe(state, g_adv) -> state``: the ascent's state after the perturbed
+      gradient (m-ARWP's F), or ``None``.
   """
 
   ascent: Callable
   correction: Callable
   init: Callable
   outside: Optional[Callable] = None
+  observe: Optional[Callable] = None
 
 
 def _normalized(g, rho):
@@ -148,8 +152,12 @@ def _filter_norms(w):
   return jnp.sqrt(jnp.sum(w * w, axis=tuple(range(w.ndim - 1)), keepdims=True))
 
 
-def _mrwp_ascent(g, params, key_data):
-  """e ~ N(0, (sigma ||W_i||)^2) per filter, whatever g: one fresh draw per step, a key per leaf."""
+def _mrwp_ascent(g, params, key_data, fisher=None):
+  """e ~ N(0, (sigma ||W_i||)^2) per filter, whatever g: one fresh draw per step, a key per leaf.
+
+  With m-ARWP's ``fisher`` F, each filter's noise is divided by sqrt(1 + eta sum_filter F)
+  (a vector: each entry's own F).
+  """
   del g
   key, draw = jax.random.split(jax.random.wrap_key_data(key_data))
   leaves, treedef = jax.tree.flatten(params)
@@ -158,7 +166,33 @@ def _mrwp_ascent(g, params, key_data):
     jax.random.normal(k, w.shape) * _filter_norms(w) * MRWP_SIGMA
     for k, w in zip(keys, leaves, strict=True)
   ]
+  if fisher is not None:
+    noise = [
+      e
+      / jnp.sqrt(
+        1
+        + MARWP_ETA
+        * (f if f.ndim <= 1 else jnp.sum(f, axis=tuple(range(f.ndim - 1)), keepdims=True))
+      )
+      for e, f in zip(noise, jax.tree.leaves(fisher), strict=True)
+    ]
   return jax.tree.unflatten(treedef, noise), jax.random.key_data(key)
+
+
+def _marwp_init(params):
+  return _mrwp_init(params), jax.tree.map(jnp.zeros_like, params)
+
+
+def _marwp_ascent(g, params, state):
+  key_data, fisher = state
+  e, key_data = _mrwp_ascent(g, params, key_data, fisher)
+  return e, (key_data, fisher)
+
+
+def _marwp_observe(state, g_adv):
+  """F = beta F + g_adv^2, entry by entry."""
+  key_data, fisher = state
+  return key_data, jax.tree.map(lambda f, x: MARWP_BETA * f + x * x, fisher, g_adv)
 
 
 def _mix(g, g_adv):
@@ -180,6 +214,7 @@ MATH = {
   'gcsam': Math(_gcsam_ascent, _identity, _no_state),
   'unifiedsam': Math(_unified_ascent, _identity, _no_state),
   'mrwp': Math(_mrwp_ascent, _mix, _mrwp_init),
+  'marwp': Math(_marwp_ascent, _mix, _marwp_init, observe=_marwp_observe),
 }
 
 
@@ -196,6 +231,8 @@ def reference_step(model: Model, base: optax.GradientTransformation, math: Math)
     e, ascent_state = math.ascent(grads, params, ascent_state)
     perturbed = jax.tree.map(jnp.add, params, e)
     adv_grads = jax.grad(model.loss, has_aux=True)(perturbed, model_state, batch)[0]
+    if math.observe is not None:
+      ascent_state = math.observe(ascent_state, adv_grads)
     updates, base_state = base.update(math.correction(grads, adv_grads), base_state, params)
     if math.outside is not None:
       updates = jax.tree.map(jnp.add, updates, math.outside(grads, adv_grads))

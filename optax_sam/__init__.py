@@ -9,6 +9,7 @@ from optax_sam._src.aliases import (
   gsam,
   look_sam,
   lookbehind_sam,
+  marwp,
   mrwp,
   preconditioned_sam,
   sam,
@@ -56,7 +57,12 @@ from optax_sam._src.policies import (
   randomly,
 )
 from optax_sam._src.preconditioning import preconditioned_direction
-from optax_sam._src.random_weights import NoiseState, random_perturbation
+from optax_sam._src.random_weights import (
+  FisherMemory,
+  NoiseState,
+  arwp_correction,
+  random_perturbation,
+)
 from optax_sam._src.sharpness_aware import sharpness_aware
 from optax_sam._src.state import (
   MomentumSAMState,
@@ -77,6 +83,7 @@ __all__ = (
   'CycleState',
   'CountState',
   'DecoupledMemory',
+  'FisherMemory',
   'FriendlyState',
   'MicroBatches',
   'MomentumSAMState',
@@ -92,6 +99,7 @@ __all__ = (
   'accumulated_grad_fn',
   'ae_sam',
   'after',
+  'arwp_correction',
   'asam',
   'ascent',
   'batch_pair',
@@ -109,6 +117,7 @@ __all__ = (
   'look_sam',
   'look_sam_correction',
   'lookbehind_sam',
+  'marwp',
   'micro_batches',
   'mixed_correction',
   'momentum_sam',

@@ -168,6 +168,8 @@ VARIANTS = {
   # Random weight perturbation: noise from the key in its state, the two gradients mixed
   # (tests/test_random_weights.py checks it against the formula given the same noise).
   'mrwp': _variant(optax_sam.mrwp, None, sigma=0.1, lmbda=0.5),
+  # m-ARWP: the noise shrunk by the squared perturbed gradients in the correction's memory.
+  'marwp': _variant(optax_sam.marwp, None, sigma=0.1, lmbda=0.5, eta=2.0, beta=0.8),
   'psam': _variant(
     optax_sam.preconditioned_sam, None, base=lambda: optax.adamw(0.01, weight_decay=0.1), rho=0.1
   ),

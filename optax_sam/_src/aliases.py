@@ -864,6 +864,69 @@ def mrwp(
 
 
 @options_lib.takes_options
+def marwp(
+  base_optimizer: optax.GradientTransformation,
+  sigma: perturbations.ScalarOrSchedule = 0.01,
+  lmbda: float = 0.5,
+  *,
+  eta: float = 1.0,
+  beta: float = 0.9,
+  seed: int = 0,
+  output_axes: tuple = (-1,),
+  perturb_mask: adaptive_lib.MaskOrFn = None,
+  **options: Unpack[options_lib.OptionArguments],
+) -> optax.GradientTransformationExtraArgs:
+  r"""m-ARWP: random weight perturbation shrunk where the perturbed gradients are large.
+
+  .. math::
+
+    e_i \sim \mathcal{N}\Big(0, \frac{(\sigma \|W_i\|)^2}{1 + \eta F_i}\Big), \qquad
+    u = \mathrm{base}\big((1 - \lambda) g + \lambda g_{adv}, w\big), \qquad
+    F \leftarrow \beta F + g_{adv}^2,
+
+  with :math:`g_{adv} = \nabla L_B(w + e)`, :math:`W_i` each output filter of a
+  kernel and :math:`F_i` the sum of :math:`F` over it (a vector leaf: the whole
+  vector's norm, each entry's own :math:`F`), :math:`F_0 = 0`. :func:`mrwp`
+  with the noise adapted to the perturbed gradients of the steps before. Built
+  from :func:`random_perturbation` (``eta``) and :func:`arwp_correction`, whose
+  memory holds :math:`F` (a float32 copy of the parameters' size).
+
+  Args:
+    base_optimizer: the optax optimizer that receives the mixed gradient.
+    sigma: the noise's scale relative to each filter's norm (``>= 0``) or a schedule.
+    lmbda: the weight of the perturbed gradient, in ``[0, 1]``.
+    eta: the weight of :math:`F` in the noise's scale (``>= 0``; 0 is :func:`mrwp`).
+    beta: the decay of :math:`F`, in ``[0, 1]``.
+    seed, output_axes, perturb_mask: as in :func:`mrwp`.
+    axis_name, local_perturbation, two_phase, statistics, perturb_in_param_dtype, when: the
+      wrapper's options, the same for every alias (see :func:`sharpness_aware`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (see :func:`sam`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_sam
+    >>> loss = lambda w: jnp.sum((w['kernel'] - 1.0) ** 2)
+    >>> tx = optax_sam.marwp(optax.sgd(0.1), sigma=0.01, lmbda=0.5, eta=1.0, beta=0.9)
+    >>> w = {'kernel': jnp.zeros((3, 2))}
+    >>> state = tx.init(w)
+    >>> u, state = tx.update(jax.grad(loss)(w), state, w, grad_fn=jax.grad(loss))
+    >>> state.memory.fisher['kernel'].shape  # F, after one step: g_adv ** 2
+    (3, 2)
+
+  References:
+    Li et al., 2024, "Revisiting Random Weight Perturbation for Efficiently
+    Improving Generalization": https://arxiv.org/abs/2404.00357 (official
+    code: nblt/mARWP ``train_marwp.py``)
+  """
+  noise = random_weights.random_perturbation(
+    sigma, seed=seed, output_axes=output_axes, perturb_mask=perturb_mask, eta=eta
+  )
+  correction = random_weights.arwp_correction(lmbda, beta=beta)
+  return wrapper.compose(base_optimizer, noise, correction, SAMOptions(**options))
+
+
+@options_lib.takes_options
 def sampa(
   base_optimizer: optax.GradientTransformation,
   rho: perturbations.ScalarOrSchedule = 0.1,
@@ -979,6 +1042,7 @@ VARIANTS: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] = {
   'lookbehind': lookbehind_sam,
   'sampa': sampa,
   'mrwp': mrwp,  # its radius is sigma, the noise's scale relative to each filter's norm
+  'marwp': marwp,  # the same radius, sigma
 }
 # Not named here: preconditioned_sam needs an Adam base optimizer (the example and the benchmarks
 # train with SGD); tests/helpers.py runs it around AdamW.

@@ -11,7 +11,8 @@ A correction may also keep a memory across steps (LookSAM's direction):
 ``remember(memory, prepared, g_sam)`` runs after each SAM step and
 ``reuse(memory, g)`` gives the gradient of a plain step (one that a ``when``
 policy made without a second gradient); the defaults keep nothing and pass
-``g`` through.
+``g`` through. ``observe(memory, g_adv)`` runs after each SAM step too, with the
+perturbed gradient (m-ARWP's moving average of its squares).
 """
 
 from typing import Any, NamedTuple, Optional, Protocol
@@ -56,6 +57,12 @@ class ReuseFn(Protocol):
   def __call__(self, memory: Any, grads: optax.Updates) -> optax.Updates: ...
 
 
+class ObserveFn(Protocol):
+  """``observe(memory, g_adv) -> memory``: the memory after a SAM step, from ``g_adv``."""
+
+  def __call__(self, memory: Any, adv_grads: optax.Updates) -> Any: ...
+
+
 class OutsideFn(Protocol):
   """``outside(memory, prepared, g_adv) -> updates``: an update added to the base optimizer's."""
 
@@ -82,6 +89,10 @@ class Correction(NamedTuple):
     outside: ``outside(memory, prepared, g_adv) -> updates``: on a SAM step, an
       update added to the base optimizer's, outside it (WSAM's decoupled
       step); ``None``: nothing. Plain steps add nothing.
+    observe: ``observe(memory, g_adv) -> memory``: after a SAM step (after
+      ``remember``), from the perturbed gradient averaged over the members
+      (devices, micro-batch groups); ``None``: nothing. The perturbation reads
+      the memory as its extra argument ``memory`` (m-ARWP's noise scale).
   """
 
   init: InitFn
@@ -91,6 +102,7 @@ class Correction(NamedTuple):
   remember: Optional[RememberFn] = None
   reuse: Optional[ReuseFn] = None
   outside: Optional[OutsideFn] = None
+  observe: Optional[ObserveFn] = None
 
 
 def no_correction() -> Correction:

@@ -296,14 +296,15 @@ def _scan_route(spec: one_call.Spec, batches: MicroBatches, state, params, extra
     """A group's clean gradient and its SAM terms (F-SAM's ``e`` needs only the group's own)."""
     g = clean_gradient(group)
     grad_fn = lambda p: batches.grad_fn(p, group)
-    g_sam, prepared, stats, _, outside = one_call.member_gradient(
+    g_sam, prepared, stats, _, outside, g_adv = one_call.member_gradient(
       spec, g, g, state, params, grad_fn, alone
     )
     outside = optax.EmptyState() if outside is None else outside
-    return g, g_sam, prepared if keep_prepared else optax.EmptyState(), stats, outside
+    g_adv = optax.EmptyState() if g_adv is None else g_adv
+    return g, g_sam, prepared if keep_prepared else optax.EmptyState(), stats, outside, g_adv
 
   def sam_gradient(state):
-    mean_grads, g_sam, prepared, stats, outside = _scan_mean(spec, batches, group_terms)
+    mean_grads, g_sam, prepared, stats, outside, g_adv = _scan_mean(spec, batches, group_terms)
     g_sam = optax.tree.cast_like(g_sam, params)
     # The perturbation's state advances as after a step whose clean gradient is the mean.
     wide_params = one_call.widen(spec, params, params)
@@ -313,7 +314,7 @@ def _scan_route(spec: one_call.Spec, batches: MicroBatches, state, params, extra
     new_state = state._replace(
       perturbation_state=perturbation_state,
       statistics=stats,
-      memory=one_call.remember(spec, state.memory, prepared, g_sam),
+      memory=one_call.remember(spec, state.memory, prepared, g_sam, g_adv),
     )
     if spec.correction.outside is None:
       return g_sam, new_state

@@ -114,11 +114,17 @@ def ascend(spec: Spec, g, state, params, mean_grads):
   """``(e, perturbation state)``: the perturbation of ``g`` at ``params``.
 
   The perturbation also receives, as extra arguments, the members' mean gradient
-  (``mean_grads``) and the base optimizer's state (``base_state``: a preconditioned
-  ascent reads Adam's second moment there).
+  (``mean_grads``), the base optimizer's state (``base_state``: a preconditioned
+  ascent reads Adam's second moment there) and the correction's memory (``memory``:
+  m-ARWP's noise reads the moving average of squared perturbed gradients there).
   """
   return spec.perturbation.update(
-    g, state.perturbation_state, params, mean_grads=mean_grads, base_state=state.base_state
+    g,
+    state.perturbation_state,
+    params,
+    mean_grads=mean_grads,
+    base_state=state.base_state,
+    memory=state.memory,
   )
 
 
@@ -129,11 +135,21 @@ def perturb(spec: Spec, grads, state, params, axes: Axes, mean_grads):
   return g, e, new_state
 
 
-def remember(spec: Spec, memory, prepared, g_sam):
-  """The correction's memory after a SAM step (``prepared`` and ``g_sam`` already averaged)."""
-  if spec.correction.remember is None:
-    return memory
-  return spec.correction.remember(memory, prepared, g_sam)
+def remember(spec: Spec, memory, prepared, g_sam, g_adv=None):
+  """The correction's memory after a SAM step (``prepared``, ``g_sam``, ``g_adv`` averaged).
+
+  ``g_adv`` is needed (and computed by the callers) only when the correction observes it.
+  """
+  if spec.correction.remember is not None:
+    memory = spec.correction.remember(memory, prepared, g_sam)
+  if spec.correction.observe is not None:
+    memory = spec.correction.observe(memory, g_adv)
+  return memory
+
+
+def observed(spec: Spec, g_adv):
+  """``g_adv`` where the correction observes it, else ``None`` (nothing kept, nothing averaged)."""
+  return None if spec.correction.observe is None else g_adv
 
 
 def decide(spec: Spec, mean_grads, state):
@@ -209,7 +225,8 @@ def member_gradient(spec: Spec, g, mean_grads, state, params, grad_fn: GradFn, a
   """One member's SAM gradient before the average over members, from its clean gradient ``g``.
 
   ``g`` and ``mean_grads`` are already widened. Returns ``(g_sam, prepared,
-  statistics, perturbation state, outside update or None)``.
+  statistics, perturbation state, outside update or None, g_adv or None)`` (``g_adv``
+  where the correction observes it).
   """
   statistics = spec.options.statistics
   wide_params = widen(spec, params, params)
@@ -226,7 +243,7 @@ def member_gradient(spec: Spec, g, mean_grads, state, params, grad_fn: GradFn, a
   prepared = spec.correction.prepare(g, wide_params)
   g_sam = spec.correction.apply(prepared, g_adv, perturbed)
   outside = outside_update(spec, state.memory, prepared, g_adv)
-  return g_sam, prepared, stats, perturbation_state, outside
+  return g_sam, prepared, stats, perturbation_state, outside, observed(spec, g_adv)
 
 
 def conditional_step(spec: Spec, is_sam, sam_gradient, plain, state, params, extra):
@@ -253,14 +270,15 @@ def step(spec: Spec, grads, state, params, grad_fn: GradFn, extra, axes: Axes):
   def sam_gradient(state):
     """The SAM gradient and the state after it, all but the base optimizer's update."""
     g = wide_grads if axes.local else mean_grads
-    g_sam, prepared, stats, perturbation_state, outside = member_gradient(
+    g_sam, prepared, stats, perturbation_state, outside, g_adv = member_gradient(
       spec, g, mean_grads, state, params, grad_fn, axes
     )
     g_sam = optax.tree.cast_like(axes.after(g_sam), params)
+    g_adv = None if g_adv is None else axes.after(g_adv)
     new_state = state._replace(
       perturbation_state=perturbation_state,
       statistics=axes.after(stats) if spec.options.statistics else stats,
-      memory=remember(spec, state.memory, axes.after(prepared), g_sam),
+      memory=remember(spec, state.memory, axes.after(prepared), g_sam, g_adv),
     )
     return with_outside(g_sam, None if outside is None else axes.after(outside)), new_state
 

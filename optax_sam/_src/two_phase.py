@@ -81,7 +81,13 @@ def _descent_call(spec: Spec, g_adv, state, params, extra):
     phase=jnp.zeros_like(state.phase),
     base_state=base_state,
     statistics=stats,
-    memory=one_call.remember(spec, state.memory, axes.after(state.prepared), g_sam),
+    memory=one_call.remember(
+      spec,
+      state.memory,
+      axes.after(state.prepared),
+      g_sam,
+      None if spec.correction.observe is None else axes.after(g_adv),
+    ),
   )
   return updates, new_state
 

@@ -36,12 +36,12 @@ COMBINABLE = ('sam', 'usam', 'asam', 'fsam', 'stable')
 LR_SCHEDULES = ('cosine', 'constant')
 GROUP_ROUTES = ('vmap', 'scan')
 # Variants built by their alias with its defaults (the radius from --rho).
-NAMED = ('wsam', 'vasso', 'gcsam', 'unifiedsam', 'lookbehind', 'sampa', 'mrwp')
+NAMED = ('wsam', 'vasso', 'gcsam', 'unifiedsam', 'lookbehind', 'sampa', 'mrwp', 'marwp')
 # Named variants with their own step shape: no --sam-every/--sam-after, --m-sharpness, --accumulate.
 OWN_STEP = ('lookbehind', 'sampa')
 OPTIMIZER_CHOICES = (
   'sgd, sam, usam, asam, fsam, stablesam, gsam, looksam, msam, wsam, vasso, gcsam, unifiedsam, '
-  'lookbehind, sampa, mrwp, '
+  'lookbehind, sampa, mrwp, marwp, '
   'or SAM variants joined by + '
   '(parts sam, usam, asam, fsam, stable; e.g. fsam+stable, asam+stable, usam+stable, fsam+asam)'
 )
@@ -181,7 +181,7 @@ def default_rho(spec: OptimizerSpec) -> float:
 
   A name with ASAM's scaling takes :func:`optax_sam.asam`'s, whatever else it
   combines; ``looksam``, ``msam``, ``gsam``, ``fsam`` and the named variants
-  their own aliases' (``mrwp``: its ``sigma``); the others :func:`optax_sam.sam`'s.
+  their own aliases' (``mrwp``, ``marwp``: their ``sigma``); the others :func:`optax_sam.sam`'s.
 
   Example:
     >>> from optax_sam.examples import config

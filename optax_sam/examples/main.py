@@ -75,7 +75,7 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
   flag(
     'rho',
     type=NUMBER,
-    help=f'SAM radius (default: {rho["sam"]:g}, {rho["asam"]:g} with asam; mrwp: its sigma)',
+    help=f'SAM radius (default: {rho["sam"]:g}, {rho["asam"]:g} with asam; mrwp/marwp: sigma)',
   )
   flag('lr', type=NUMBER, help='peak learning rate (default: %(default)s)')
   flag('momentum', type=NUMBER, help='SGD momentum (default: %(default)s)')

@@ -239,6 +239,7 @@ def expected_optimizer(name):
     'lookbehind': optax_sam.lookbehind_sam(base, 0.05),
     'sampa': optax_sam.sampa(base, 0.1),
     'mrwp': optax_sam.mrwp(base, sigma=0.01),  # --rho is its sigma
+    'marwp': optax_sam.marwp(base, sigma=0.01),
   }[name]
 
 
@@ -263,7 +264,7 @@ def assert_same_steps(ours, theirs, steps, grad_fn_too=True):
 @pytest.mark.parametrize(
   'name',
   ['sgd', 'sam', 'usam', 'asam', 'fsam', 'stablesam', 'gsam', 'fsam+stable', 'asam+stable',
-   'fsam+asam', 'wsam', 'vasso', 'gcsam', 'unifiedsam', 'lookbehind', 'sampa', 'mrwp'],
+   'fsam+asam', 'wsam', 'vasso', 'gcsam', 'unifiedsam', 'lookbehind', 'sampa', 'mrwp', 'marwp'],
 )  # fmt: skip
 def test_create_optimizer_builds_the_named_alias(name):
   config = config_lib.Config(optimizer=name, lr_schedule='constant', **BASE)
