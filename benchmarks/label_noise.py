@@ -73,6 +73,8 @@ NAMES = (
   'unifiedsam',
   'lookbehind',
   'sampa',
+  'mrwp',  # its rho is sigma, the noise's scale relative to each filter's norm
+  'marwp',
 )
 # Radii when an optimizer is named without one.
 DEFAULT_RHO = {'asam': 1.0, 'msam': 0.3}
