@@ -4,6 +4,7 @@ from optax_sam import sharpness  # submodule: optax_sam.sharpness.hessian_eigenv
 from optax_sam._src.adaptive import not_bias_mask
 from optax_sam._src.aliases import (
   asam,
+  bsam,
   friendly_sam,
   gcsam,
   gsam,
@@ -72,6 +73,13 @@ from optax_sam._src.state import (
   is_perturbed,
 )
 from optax_sam._src.statistics import SAMStatistics, step_statistics
+from optax_sam._src.variational import (
+  PosteriorState,
+  posterior_samples,
+  posterior_stddev,
+  precision_ascent,
+  variational_sam,
+)
 
 __version__ = '0.1.0'
 
@@ -90,6 +98,7 @@ __all__ = (
   'NoiseState',
   'ParallelSAMState',
   'Policy',
+  'PosteriorState',
   'RandomState',
   'SAMState',
   'SAMStatistics',
@@ -103,6 +112,7 @@ __all__ = (
   'asam',
   'ascent',
   'batch_pair',
+  'bsam',
   'centralized_ascent',
   'clean_params',
   'decoupled_correction',
@@ -124,6 +134,9 @@ __all__ = (
   'mrwp',
   'no_correction',
   'not_bias_mask',
+  'posterior_samples',
+  'posterior_stddev',
+  'precision_ascent',
   'preconditioned_direction',
   'preconditioned_sam',
   'random_perturbation',
@@ -139,6 +152,7 @@ __all__ = (
   'step_statistics',
   'unified_ascent',
   'unified_sam',
+  'variational_sam',
   'vasso',
   'vasso_direction',
   'wsam',
