@@ -26,6 +26,7 @@ RHO = 0.05
 EPS = 1e-12
 INT32_BYTES = 4
 FLOAT32_BYTES = 4
+BSAM_DATA_SIZE = references.BSAM_DATA_SIZE  # bSAM's N: CIFAR-10's training set
 
 
 def base_optimizer() -> optax.GradientTransformation:
@@ -50,7 +51,9 @@ class Variant(NamedTuple):
     two_phase: whether the variant has a two-phase mode (Lookbehind-SAM's
       cycle of inner steps has none).
     key_state: carries a PRNG key (m-RWP's noise: two uint32).
-    fisher_state: carries a float32 buffer of the parameters' size (m-ARWP's F).
+    fisher_state: carries a float32 buffer of the parameters' size (m-ARWP's F, bSAM's
+      precision).
+    scalar_state: float32 or int32 scalars it carries besides (bSAM's step count and N).
   """
 
   name: str
@@ -61,6 +64,7 @@ class Variant(NamedTuple):
   two_phase: bool = True
   key_state: bool = False
   fisher_state: bool = False
+  scalar_state: int = 0
 
 
 VARIANTS = (
@@ -150,6 +154,18 @@ VARIANTS = (
     key_state=True,
     fisher_state=True,
   ),
+  Variant(
+    'bsam',
+    lambda b, tp: optax_sam.bsam(LEARNING_RATE, data_size=BSAM_DATA_SIZE),
+    f'bsam({LEARNING_RATE}, data_size={BSAM_DATA_SIZE:g}) (its own optimizer: the momentum '
+    'over the precision, no base; the clean gradient at a posterior sample)',
+    False,  # its momentum is in place of the base optimizer's
+    'none',
+    two_phase=False,
+    key_state=True,
+    fisher_state=True,
+    scalar_state=2,  # the step count and N
+  ),
 )
 
 
@@ -157,13 +173,16 @@ def documented_state_bytes(variant: Variant, two_phase: bool, param_bytes: int) 
   """The bytes of state a variant adds to the base optimizer's, from its documentation.
 
   One-call mode: F-SAM's EMA and step count, m-RWP's key (two uint32),
-  m-ARWP's F (float32, the parameters' size), nothing otherwise. Two-phase
+  m-ARWP's F (float32, the parameters' size), nothing otherwise; bSAM's key,
+  precision (as m-ARWP's F), step count and N (its momentum takes the place of
+  the base optimizer's). Two-phase
   mode adds a copy of the weights, the correction's prepared value and the
   int32 phase flag.
   """
   extra = param_bytes + INT32_BYTES if variant.ema_state else 0
   extra += 2 * INT32_BYTES if variant.key_state else 0
   extra += param_bytes if variant.fisher_state else 0  # float32 parameters in the benchmarks
+  extra += FLOAT32_BYTES * variant.scalar_state
   if two_phase:
     prepared = {'none': 0, 'norm': FLOAT32_BYTES, 'gradient': param_bytes}[variant.prepared]
     extra += param_bytes + prepared + INT32_BYTES

@@ -45,12 +45,13 @@ import optax
 import optax_sam
 from benchmarks import paired as paired_lib
 from optax_sam._src import aliases
+from optax_sam.examples import calibration
 from optax_sam.examples import config as config_lib
 from optax_sam.examples import data as data_lib
 
 RESULTS = pathlib.Path(__file__).resolve().parent / 'results' / 'label_noise'
 NUM_CLASSES = 10
-ECE_BINS = 15
+ECE_BINS = calibration.ECE_BINS
 SHARPNESS_EXAMPLES = 512
 LANCZOS_STEPS = 20
 CURVE_EXAMPLES = 1024  # training examples whose accuracy is recorded after every epoch
@@ -410,7 +411,8 @@ def _top_eigenvalues(params, x, y, keys):
 
 
 def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS):
-  """Expected calibration error of the softmax's top class, ``bins`` equal-width bins.
+  """Expected calibration error of the softmax's top class, ``bins`` equal-width bins (the
+  example's :func:`~optax_sam.examples.calibration.expected_calibration_error` of the softmax).
 
   Example:
     >>> import numpy as np
@@ -421,16 +423,7 @@ def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, bins: int
   """
   z = logits - logits.max(-1, keepdims=True)
   p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
-  confidence, predicted = p.max(-1), p.argmax(-1)
-  correct = (predicted == labels).astype(np.float64)
-  edges = np.linspace(0.0, 1.0, bins + 1)
-  which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-  ece = 0.0
-  for b in range(bins):
-    inside = which == b
-    if inside.any():
-      ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
-  return float(ece)
+  return calibration.expected_calibration_error(p, labels, bins)
 
 
 _COMPILED: dict = {}

@@ -30,6 +30,9 @@ MARWP_ETA, MARWP_BETA = 1.0, 0.9  # marwp's defaults (its sigma and lmbda are mr
 LOOKBEHIND_K, LOOKBEHIND_ALPHA, LOOKBEHIND_EPS = 5, 0.5, 1e-16  # lookbehind_sam's defaults
 LEARNING_RATE = 0.1  # benchmarks.cases.LEARNING_RATE, WSAM's decoupled term's rate
 SAMPA_RHO, SAMPA_LMBDA = 0.1, 0.2  # sampa's defaults
+BSAM_RHO, BSAM_BETA1, BSAM_BETA2 = 0.1, 0.9, 0.999  # bsam's defaults
+BSAM_PRIOR, BSAM_DAMPING, BSAM_S0 = 25.0, 0.1, 1.0  # bsam's defaults
+BSAM_DATA_SIZE = 50_000.0  # benchmarks.cases.BSAM_DATA_SIZE (CIFAR-10's training set)
 
 
 class Math(NamedTuple):
@@ -309,4 +312,50 @@ def lookbehind_step(model: Model, base: optax.GradientTransformation):
   return base.init, step
 
 
-STEPS = {'sampa': sampa_step, 'lookbehind': lookbehind_step}
+def bsam_step(model: Model, base: optax.GradientTransformation):
+  """``(init, step)`` of bSAM written out (the base optimizer is unused: bSAM is its own).
+
+  The state is ``(count, key, m, s, N)``. The noise: key 0 of ``split(key, 2)``, one key per leaf
+  (the authors' ``normal_like_tree``); the clean loss is computed for the report, its gradient at
+  the mean is not (the clean gradient is taken at the sample).
+  """
+  del base
+  grad_only = lambda p, model_state, batch: jax.grad(model.loss, has_aux=True)(
+    p, model_state, batch
+  )[0]
+  delta = BSAM_PRIOR / BSAM_DATA_SIZE
+
+  def init(params):
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    s = jax.tree.map(lambda w: jnp.full_like(w, BSAM_S0), params)
+    n = jnp.asarray(BSAM_DATA_SIZE, jnp.float32)
+    return jnp.zeros([], jnp.int32), jax.random.key_data(jax.random.key(0)), zeros, s, n
+
+  def step(params, opt_state, model_state, batch):
+    count, key, m, s, n = opt_state
+    loss, new_model_state = model.loss(params, model_state, batch)
+    draw, key = jax.random.split(jax.random.wrap_key_data(key))
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(draw, len(leaves) + 1)[1:]
+    noise = treedef.unflatten(
+      [jax.random.normal(k, w.shape, w.dtype) for k, w in zip(keys, leaves, strict=True)]
+    )
+    sampled = jax.tree.map(lambda w, v, z: w + jnp.sqrt(1.0 / (n * v)) * z, params, s, noise)
+    g = grad_only(sampled, model_state, batch)
+    perturbed = jax.tree.map(lambda w, x, v: w + BSAM_RHO * x / v, params, g, s)
+    g_adv = grad_only(perturbed, model_state, batch)
+    m = jax.tree.map(
+      lambda a, x, w: BSAM_BETA1 * a + (1 - BSAM_BETA1) * (x + delta * w), m, g_adv, params
+    )
+    new = jax.tree.map(lambda w, a, v: w - LEARNING_RATE * a / v, params, m, s)
+    s = jax.tree.map(
+      lambda v, x: BSAM_BETA2 * v + (1 - BSAM_BETA2) * (jnp.sqrt(v * x**2) + BSAM_DAMPING + delta),
+      s,
+      g,
+    )
+    return new, (count + 1, jax.random.key_data(key), m, s, n), new_model_state, loss
+
+  return init, step
+
+
+STEPS = {'sampa': sampa_step, 'lookbehind': lookbehind_step, 'bsam': bsam_step}

@@ -251,7 +251,15 @@ def _cnn():
 
 
 @pytest.mark.parametrize(
-  'case', ['every', 'look_sam', 'micro_batches-scan', 'micro_batches-scan-every', 'accumulated']
+  'case',
+  [
+    'every',
+    'look_sam',
+    'micro_batches-scan',
+    'micro_batches-scan-every',
+    'accumulated',
+    'bsam-scan',
+  ],
 )
 def test_the_second_gradient_s_convolutions_are_canonical_where_sam_runs_them_in_control_flow(
   case, monkeypatch
@@ -265,12 +273,13 @@ def test_the_second_gradient_s_convolutions_are_canonical_where_sam_runs_them_in
     'micro_batches-scan': optax_sam.sam(base, rho=0.05),
     'micro_batches-scan-every': optax_sam.sam(base, rho=0.05, when=optax_sam.every(2)),
     'accumulated': optax_sam.sam(base, rho=0.05),
+    'bsam-scan': optax_sam.bsam(0.1, data_size=100.0),
   }[case]
   state = tx.init(params)
 
   def new_step():  # a new function each time: jit caches traces by function
     def step(params, state, batch):
-      if case.startswith('micro_batches'):
+      if case.startswith('micro_batches') or case == 'bsam-scan':
         groups = optax_sam.micro_batches(grad, batch, group_size=4)
         return tx.update(None, state, params, grad_fn=groups)
       if case == 'accumulated':

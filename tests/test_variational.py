@@ -232,3 +232,26 @@ def test_clear_errors_at_the_call():
     optax_sam.posterior_stddev(optax.sgd(0.1).init(params))
   with pytest.raises(TypeError, match='precision_ascent divides by the posterior precision'):
     optax_sam.precision_ascent(0.1).update(params, optax.EmptyState(), params)
+
+
+def test_the_benchmarks_hand_written_step_is_the_alias_step():
+  """benchmarks.run's ``ref/bsam`` (the math written out, the same key splits) equals the alias
+  with the benchmarks' settings."""
+  from types import SimpleNamespace  # noqa: PLC0415
+
+  from benchmarks import cases, references  # noqa: PLC0415 - the benchmarks are not the library
+
+  params, loss, _ = helpers.problem()
+  x, y = helpers.batch(5)
+  model = SimpleNamespace(loss=lambda p, model_state, batch: (loss(p, *batch), model_state))
+  init, step = references.bsam_step(model, None)
+  (variant,) = [v for v in cases.VARIANTS if v.name == 'bsam']
+  tx = variant.build(None, False)
+  grad_fn = jax.grad(lambda w: loss(w, x, y))
+  state, reference_state, w, reference_w = tx.init(params), init(params), params, params
+  for _ in range(3):
+    updates, state = tx.update(None, state, w, grad_fn=grad_fn)
+    w = optax.apply_updates(w, updates)
+    reference_w, reference_state, _, _ = step(reference_w, reference_state, None, (x, y))
+    assert helpers.max_diff(w, reference_w) < 1e-6
+  assert helpers.max_diff(w, params) > 1e-3

@@ -42,8 +42,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_sam._src import cpu_convolutions, numerics, one_call
 from optax_sam._src import micro_batches as micro_batches_lib
-from optax_sam._src import numerics, one_call
 from optax_sam._src import state as state_lib
 
 
@@ -186,7 +186,7 @@ def _mean_terms(perturbation, params, state, grad_fn, axis_name, local):
         return optax.tree.add(total, (spread, g_adv)), pstate
 
       zeros = (optax.tree.zeros_like(_wide(params)), optax.tree.zeros_like(_wide(params)))
-      total, pstate = jax.lax.scan(body, zeros, (grad_fn.groups, mine))
+      total, pstate = cpu_convolutions.scan(body, zeros, (grad_fn.groups, mine))
       spread, g_adv = optax.tree.scale(1.0 / groups, total)
     pstate = jax.tree.map(lambda x: x[0], pstate)  # alike in every group
     members = devices * groups

@@ -30,18 +30,23 @@ import optax_sam
 from optax_sam._src import aliases
 from optax_sam.examples import data
 
-# SGD and the library's named variants (optax_sam._src.aliases.VARIANTS), in its order.
-SINGLE_OPTIMIZERS = ('sgd', *aliases.VARIANTS)
+# Named optimizers that are not wrappers: they take a learning rate, not a base optimizer.
+OWN_OPTIMIZERS = {'bsam': optax_sam.bsam}
+# SGD and the library's named variants (optax_sam._src.aliases.VARIANTS), in its order, and bSAM.
+SINGLE_OPTIMIZERS = ('sgd', *aliases.VARIANTS, *OWN_OPTIMIZERS)
 COMBINABLE = ('sam', 'usam', 'asam', 'fsam', 'stable')
 LR_SCHEDULES = ('cosine', 'constant')
 GROUP_ROUTES = ('vmap', 'scan')
 # Variants built by their alias with its defaults (the radius from --rho).
-NAMED = ('wsam', 'vasso', 'gcsam', 'unifiedsam', 'lookbehind', 'sampa', 'mrwp', 'marwp')
+NAMED = ('wsam', 'vasso', 'gcsam', 'unifiedsam', 'lookbehind', 'sampa', 'mrwp', 'marwp', 'bsam')
 # Named variants with their own step shape: no --sam-every/--sam-after, --m-sharpness, --accumulate.
 OWN_STEP = ('lookbehind', 'sampa')
+# Named variants without SAM-or-plain steps (no --sam-every/--sam-after); bSAM takes --m-sharpness
+# (each group its own posterior sample, the authors' --batchsplit).
+NO_POLICY = (*OWN_STEP, 'bsam')
 OPTIMIZER_CHOICES = (
   'sgd, sam, usam, asam, fsam, stablesam, gsam, looksam, msam, wsam, vasso, gcsam, unifiedsam, '
-  'lookbehind, sampa, mrwp, marwp, '
+  'lookbehind, sampa, mrwp, marwp, bsam, '
   'or SAM variants joined by + '
   '(parts sam, usam, asam, fsam, stable; e.g. fsam+stable, asam+stable, usam+stable, fsam+asam)'
 )
@@ -191,7 +196,7 @@ def default_rho(spec: OptimizerSpec) -> float:
   if not spec.sam:
     return 0.0
   if spec.named:  # the radius: the parameter after the base optimizer (m-RWP's sigma)
-    optimizer = aliases.VARIANTS[spec.named]
+    optimizer = OWN_OPTIMIZERS.get(spec.named) or aliases.VARIANTS[spec.named]
     return library_default(optimizer, radius_name(optimizer))
   defaults = library_rho_defaults()
   if spec.look:
@@ -243,6 +248,9 @@ class Config:
     group_route: how ``m_sharpness`` runs its groups, ``scan`` (one after
       another; memory independent of the number of groups, and the faster one
       for this CNN on CPU) or ``vmap`` (side by side).
+    predictive_samples: ``bsam`` only: after training, also test the model
+      average over this many samples of its posterior
+      (:func:`optax_sam.posterior_samples`; default 8; 0: the mean only).
   """
 
   optimizer: str = 'sam'
@@ -271,6 +279,7 @@ class Config:
   m_sharpness: Optional[int] = None
   accumulate: Optional[int] = None
   group_route: str = 'scan'
+  predictive_samples: Optional[int] = None
 
   @property
   def spec(self) -> OptimizerSpec:
@@ -281,6 +290,13 @@ class Config:
   def resolved_rho(self) -> float:
     """``rho``, or the optimizer's default."""
     return default_rho(self.spec) if self.rho is None else self.rho
+
+  @property
+  def resolved_predictive_samples(self) -> int:
+    """``predictive_samples``, or 8 for ``bsam`` (0 for the others)."""
+    if self.predictive_samples is not None:
+      return self.predictive_samples
+    return 8 if self.spec.named == 'bsam' else 0
 
   @property
   def resolved_eta(self) -> float:
@@ -319,7 +335,7 @@ class Config:
       )
     if spec.look and self.sam_after is not None:
       raise ConfigError('--sam-after does not apply to looksam: its period is --sam-every')
-    if when and spec.named in OWN_STEP:
+    if when and spec.named in NO_POLICY:
       raise ConfigError(
         f'--sam-every/--sam-after do not apply to {spec.named}: it has its own step shape'
       )
@@ -333,6 +349,9 @@ class Config:
     _check_int('sharpness_every', self.sharpness_every, 0)
     _check_int('num_samples', self.num_samples, 20, optional=True)
     _check_micro_batches(self, spec)
+    _check_int('predictive_samples', self.predictive_samples, 0, optional=True)
+    if self.predictive_samples is not None and spec.named != 'bsam':
+      raise ConfigError(f"--predictive-samples samples bsam's posterior; {spec.name} keeps none")
     if self.num_samples is not None and self.dataset != 'mnist1d':
       raise ConfigError(f'--num-samples applies to mnist1d only, not to {self.dataset}')
     return dataclasses.replace(self, optimizer=spec.name)
@@ -368,6 +387,11 @@ class Config:
       parts.append(f'm {self.m_sharpness} ({self.group_route} route)')
     if self.accumulate is not None:
       parts.append(f'{self.accumulate} micro-batches')
+    if spec.named == 'bsam':  # its own optimizer: the posterior's precision divides its step
+      return (
+        f'bsam ({", ".join(parts)}, lr {self.lr:g} {self.lr_schedule}, beta1 {self.momentum:g}, '
+        f'prior precision {self.weight_decay:g} x N)'
+      )
     base = (
       f'SGD (lr {self.lr:g} {self.lr_schedule}, momentum {self.momentum:g}, '
       f'weight decay {self.weight_decay:g})'

@@ -116,6 +116,12 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     help='compute both gradients over K micro-batches, one perturbation for the whole batch',
   )
   flag(
+    'predictive-samples',
+    type=INTEGER,
+    metavar='K',
+    help='bsam: also test the average over K samples of its posterior (default: 8; 0: off)',
+  )
+  flag(
     'group-route',
     help=f'how --m-sharpness runs its groups: {", ".join(config_lib.GROUP_ROUTES)} '
     '(default: %(default)s)',

@@ -41,10 +41,10 @@ import optax_sam
 import optax_sam.flax
 from optax_sam import sharpness
 from optax_sam._src import aliases
+from optax_sam.examples import calibration, models, multiprocess, reporting
 from optax_sam.examples import checkpoints as checkpoints_lib
 from optax_sam.examples import config as config_lib
 from optax_sam.examples import data as data_lib
-from optax_sam.examples import models, multiprocess, reporting
 
 EVAL_BATCH_SIZE = 500
 # Sharpness is measured on the first SHARPNESS_EXAMPLES training examples, in eval
@@ -126,6 +126,15 @@ def create_optimizer(
     return optax_sam.lookbehind_sam(base, rho)
   if spec.named == 'sampa':  # both gradients in one update, every step: no statistics, no when=
     return optax_sam.sampa(base, rho)
+  if spec.named == 'bsam':  # its own optimizer, on the examples of an epoch: no SGD base
+    data_size = steps_per_epoch * config.batch_size
+    return optax_sam.bsam(
+      lr,
+      rho,
+      beta1=config.momentum,
+      data_size=data_size,
+      prior_precision=config.weight_decay * data_size,
+    )
   if spec.named:  # WSAM's decoupled term takes the base's learning rate
     extra = {'learning_rate': lr} if spec.named == 'wsam' else {}
     return aliases.VARIANTS[spec.named](base, rho, when=when, statistics=True, **extra)
@@ -160,6 +169,7 @@ def _optimizer_key(config: config_lib.Config) -> config_lib.Config:
   keep = {'optimizer', 'rho', 'lr', 'momentum', 'weight_decay', 'sigma', 'lmbda', 'alpha', 'eta'}
   keep |= {'look_alpha', 'sam_every', 'sam_after'}
   keep |= {'lr_schedule'} | ({'epochs'} if _needs_run_length(config) else set())
+  keep |= {'batch_size'} if config.spec.named == 'bsam' else set()  # its data_size
   return dataclasses.replace(
     defaults,
     **{f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in keep},
@@ -167,8 +177,11 @@ def _optimizer_key(config: config_lib.Config) -> config_lib.Config:
 
 
 def _needs_run_length(config: config_lib.Config) -> bool:
-  """Whether the optimizer depends on the run's length (cosine schedule, ``--sam-after``)."""
-  return config.lr_schedule == 'cosine' or config.sam_after is not None
+  """Whether the optimizer depends on the run's length (cosine schedule, ``--sam-after``) or on
+  the epoch's examples (bSAM's ``data_size``)."""
+  return (
+    config.lr_schedule == 'cosine' or config.sam_after is not None or config.spec.named == 'bsam'
+  )
 
 
 def _holds_perturbed_weights(optimizer: nnx.Optimizer) -> bool:
@@ -327,6 +340,8 @@ def _train_step(config: config_lib.Config) -> Callable[..., Any]:
   """
   if config.spec.named == 'sampa':
     return _sampa_steps()
+  if config.spec.named == 'bsam' and config.m_sharpness is None:  # one group: the whole batch
+    return functools.partial(micro_batch_train_step, size=config.batch_size, accumulate=False)
   if config.m_sharpness is not None:
     return functools.partial(
       micro_batch_train_step, size=config.m_sharpness, accumulate=False, route=config.group_route
@@ -563,8 +578,10 @@ def train_and_evaluate(
   Returns:
     The metrics: ``config``, ``dataset``, ``history`` (one dict per epoch with
     ``epoch``, ``train_loss``, ``train_accuracy``, ``test_loss``,
-    ``test_accuracy``, ``seconds``) and ``final`` (the last epoch's metrics,
-    ``best_test_accuracy`` and the total ``seconds``).
+    ``test_accuracy``, ``seconds``), ``final`` (the last epoch's metrics,
+    ``best_test_accuracy`` and the total ``seconds``) and, on one process,
+    ``calibration`` (:func:`~optax_sam.examples.calibration.calibrate`: the test
+    ECE and NLL, and for ``bsam`` those of its posterior's model average).
   """
   if dataset is None:
     dataset = load_dataset(config)
@@ -613,6 +630,16 @@ def train_and_evaluate(
   finally:
     checkpoints.close()
   metrics |= {'history': history, 'final': reporting.summary(history)}
+  if parallel is None:  # one process: the test set's calibration (bSAM: its model average too)
+    metrics['calibration'] = calibration.calibrate(
+      clean_model(model, optimizer),
+      nnx.as_pure(optimizer.opt_state),
+      dataset.x_test,
+      dataset.y_test,
+      config.resolved_predictive_samples,
+      config.seed,
+    )
+    log(f'calibration: {calibration.describe(metrics["calibration"])}')
   if writes:
     reporting.write_json(workdir / reporting.METRICS_FILE, metrics)
     _write_plots(workdir, history, title, log)

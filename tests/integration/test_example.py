@@ -283,6 +283,34 @@ def test_mrwp_trains_with_its_sigma_as_the_radius(tmp_path, digits):
   assert np.isfinite(metrics['final']['train_loss']) and 0 <= metrics['final']['test_accuracy'] <= 1
 
 
+def test_bsam_trains_and_reports_its_model_average(tmp_path, digits):
+  """``--optimizer bsam``: its own optimizer (no SGD base) on the epoch's examples, and the
+  calibration of its posterior's model average beside the trained weights'."""
+  config = dataclasses.replace(TINY, optimizer='bsam', predictive_samples=3)
+  tx = train.create_optimizer(config.validate(), steps_per_epoch=10)
+  state = tx.init({'w': jnp.zeros(2)})
+  n = 10 * config.batch_size
+  assert float(state.data_size) == n
+  assert np.allclose(optax_sam.posterior_stddev(state)['w'], 1 / np.sqrt(n))
+  lines = []
+  metrics = train.train_and_evaluate(
+    config, tmp_path, dataset=digits, progress=False, log=lines.append
+  )
+  scores = metrics['calibration']
+  assert scores['model_average']['samples'] == 3
+  for part in (scores['mean'], scores['model_average']):
+    assert 0 <= part['test_ece'] <= 1 and 0 <= part['test_accuracy'] <= 1 and part['test_nll'] > 0
+  assert scores['mean']['test_accuracy'] == metrics['final']['test_accuracy']
+  assert any('model average of 3 posterior samples' in line for line in lines)
+  for bad, match in (
+    (dict(optimizer='sam', predictive_samples=2), 'samples bsam'),
+    (dict(optimizer='bsam', sam_every=2), 'do not apply to bsam'),
+    (dict(optimizer='bsam', predictive_samples=-1), 'predictive-samples'),
+  ):
+    with pytest.raises(config_lib.ConfigError, match=match):
+      dataclasses.replace(TINY, **bad).validate()
+
+
 def test_sampa_pairs_each_batch_with_the_one_before(tmp_path, digits, monkeypatch):
   """The perturbed point's batch is the previous step's (the first step: its own), and it trains."""
   seen = []
