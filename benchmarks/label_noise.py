@@ -76,6 +76,7 @@ NAMES = (
   'sampa',
   'mrwp',  # its rho is sigma, the noise's scale relative to each filter's norm
   'marwp',
+  'bsam',  # its own optimizer (no SGD base): peak learning rate lr / (1 - momentum)
 )
 # Radii when an optimizer is named without one.
 DEFAULT_RHO = {'asam': 1.0, 'msam': 0.3}
@@ -300,6 +301,16 @@ def make_optimizer(spec: Spec, setting: Setting, steps: int) -> optax.GradientTr
     return optax_sam.sam(base, rho, when=optax_sam.after(steps // 2))
   if name == 'wsam':  # the decoupled sharpness term at the base's learning rate
     return optax_sam.wsam(base, rho, learning_rate=lr)
+  if name == 'bsam':  # its own optimizer; its first step as long as SGD's with momentum (s_0 = 1)
+    data_size = steps // epochs_of(spec, setting) * setting.batch_size  # the epoch's examples
+    peak = setting.lr / (1 - setting.momentum)
+    return optax_sam.bsam(
+      optax.cosine_decay_schedule(peak, decay_steps=steps),
+      rho,
+      beta1=setting.momentum,
+      data_size=data_size,
+      prior_precision=setting.weight_decay * data_size,
+    )
   if name in aliases.VARIANTS:  # the library's named variants, with their defaults
     return aliases.VARIANTS[name](base, rho)
   raise ValueError(f'unknown optimizer {name!r}')

@@ -187,3 +187,17 @@ def grad_fn_for(state, grad_fn) -> dict:
   """``{'grad_fn': grad_fn}`` for a one-call state; ``{}`` for a two-phase one, which refuses it."""
   two_phase = state_lib.find_states(state, optax_sam.TwoPhaseSAMState)
   return {} if two_phase else {'grad_fn': grad_fn}
+
+
+def assert_bf16_steps(tx, params, grad_fn, steps: int = 3) -> None:
+  """``steps`` jitted steps of ``tx`` (called ``update(None, ...)``) on ``params`` in bfloat16: the
+  state keeps its dtypes, the params stay bfloat16, and the step compiles once."""
+  low = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+  state = tx.init(low)
+  step = jax.jit(lambda w, s: tx.update(None, s, w, grad_fn=grad_fn))
+  for _ in range(steps):
+    u, new_state = step(low, state)
+    assert jax.tree.map(lambda a: a.dtype, new_state) == jax.tree.map(lambda a: a.dtype, state)
+    state, low = new_state, optax.apply_updates(low, u)
+  assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(low))
+  assert step._cache_size() == 1

@@ -192,17 +192,10 @@ def test_inject_hyperparams_and_bf16_params():
     assert helpers.max_diff(got, want) < 1e-7
     w = optax.apply_updates(w, got)
 
-  low = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
   tx = optax_sam.bsam(0.1, data_size=100.0)
-  state = tx.init(low)
-  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(state.precision))
-  step = jax.jit(lambda w, s: tx.update(None, s, w, grad_fn=grad_fn))
-  for _ in range(3):
-    u, new_state = step(low, state)
-    assert jax.tree.map(lambda a: a.dtype, new_state) == jax.tree.map(lambda a: a.dtype, state)
-    state, low = new_state, optax.apply_updates(low, u)
-  assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(low))
-  assert step._cache_size() == 1
+  low = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(tx.init(low).precision))
+  helpers.assert_bf16_steps(tx, params, grad_fn)
 
 
 @pytest.mark.parametrize(

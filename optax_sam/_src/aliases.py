@@ -1086,20 +1086,20 @@ def bsam(
       step, every step); setting one raises.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``; call
-    ``update(None, state, params, grad_fn=...)``.
+    An ``optax.GradientTransformationExtraArgs`` whose
+    ``update(None, state, params, grad_fn=...)`` takes both gradients itself.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, optax_sam
-    >>> loss = lambda w: jnp.sum((w - 1.0) ** 2)
-    >>> tx = optax_sam.bsam(0.05, rho=0.01, data_size=1000)
-    >>> w = jnp.zeros(2)
-    >>> state = tx.init(w)
+    >>> quadratic = lambda w: 0.5 * jnp.sum((w - 1.0) ** 2)
+    >>> tx = optax_sam.bsam(0.1, rho=0.01, data_size=1000)
+    >>> w, state = jnp.zeros(2), tx.init(jnp.zeros(2))
+    >>> step = jax.jit(lambda w, s: tx.update(None, s, w, grad_fn=jax.grad(quadratic)))
     >>> for _ in range(300):
-    ...   u, state = tx.update(None, state, w, grad_fn=jax.grad(loss))
+    ...   u, state = step(w, state)
     ...   w = optax.apply_updates(w, u)
-    >>> bool(jnp.allclose(w, 1.0, atol=0.05))
-    True
+    >>> bool(jnp.allclose(w, 1.0, atol=0.05)), optax_sam.posterior_stddev(state).shape
+    (True, (2,))
 
   References:
     Möllenhoff & Khan, 2023, "SAM as an Optimal Relaxation of Bayes":

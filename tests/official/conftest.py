@@ -4,4 +4,4 @@ generate.py imports torch and the authors' files, which the test environment lac
 are run by hand with a separate torch environment (see README.md), not collected.
 """
 
-collect_ignore = ['generate.py', 'generate_bsam.py']
+collect_ignore = ['generate.py', 'generate_bsam.py', 'vendor.py']

@@ -38,9 +38,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import vendor  # this folder's; on sys.path when the script runs
 
 HERE = Path(__file__).resolve().parent
-MIRROR = Path('/work/.mirror')  # where this project's tooling puts repository snapshots
 
 STEPS = 5
 BASE = {'lr': 0.1, 'momentum': 0.9, 'dampening': 0.0, 'weight_decay': 0.0, 'nesterov': False}
@@ -154,50 +154,11 @@ def _sha256(text: str) -> str:
 
 
 def _vendored(method: str) -> dict:
-  """Puts the official files on sys.path, read unmodified from a checkout of their repository.
-
-  The checkout is the one named by the method's environment variable (a work tree or a bare git
-  directory), else this machine's snapshot under /work/.mirror. The files are copied to a
-  temporary folder (never into the project) after checking they are byte for byte the recorded
-  ones.
-  """
+  """Puts the official files on sys.path, read unmodified from a checkout of their repository
+  (:func:`vendor.put_on_path`), and returns their provenance."""
   spec = SOURCES[method]
-  path = os.environ.get(spec['env'])
-  if path is None and (MIRROR / spec['mirror'] / 'repo').is_dir():
-    path = str(MIRROR / spec['mirror'] / 'repo')
-  if path is None:
-    raise FileNotFoundError(
-      f'{method}: give a {spec["repository"]} checkout in {spec["env"]} '
-      f'(git clone https://github.com/{spec["repository"]} && git checkout {spec["commit"]})'
-    )
-  source = Path(path)
-  bare = (source / 'HEAD').is_file() and (source / 'objects').is_dir()
-  root = Path(tempfile.mkdtemp(prefix=f'official-{method}-'))
-  for name, digest in spec['files'].items():
-    if bare:
-      data = subprocess.run(
-        ['git', '--git-dir', str(source), 'show', f'{spec["commit"]}:{name}'],
-        check=True,
-        capture_output=True,
-      ).stdout
-    else:
-      data = (source / name).read_bytes()
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != digest:
-      raise SystemExit(f'{source}: {name} has sha256 {actual}, expected {digest}')
-    (root / name).parent.mkdir(parents=True, exist_ok=True)
-    (root / name).write_bytes(data)
-  sys.path.insert(0, str(root))
-  return {
-    'repository': spec['repository'],
-    'url': f'https://github.com/{spec["repository"]}',
-    'commit': spec['commit'],
-    'file': spec['file'],
-    'file_last_changed_in': spec['file_last_changed_in'],
-    'sha256': spec['files'][spec['file']],
-    'license': spec['license'],
-    'loaded_from': f'{spec["repository"]} at {spec["commit"]} (unmodified, checked by sha256)',
-  }
+  vendor.put_on_path(spec, method)
+  return vendor.provenance(spec)
 
 
 def _git(*args: str) -> str:
@@ -208,8 +169,8 @@ def _external(method: str, given: str | None) -> tuple[str, dict]:
   """The source text of an unlicensed official file, from a path the user gives."""
   spec = SOURCES[method]
   path = given or os.environ.get(spec['env'])
-  if path is None and (MIRROR / spec['mirror'] / 'repo').is_dir():
-    path = str(MIRROR / spec['mirror'] / 'repo')
+  if path is None and (vendor.MIRROR / spec['mirror'] / 'repo').is_dir():
+    path = str(vendor.MIRROR / spec['mirror'] / 'repo')
   if path is None:
     raise FileNotFoundError(
       f'{method}: give the {spec["repository"]} checkout with {spec["flag"]} or {spec["env"]} '
