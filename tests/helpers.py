@@ -173,10 +173,15 @@ VARIANTS = {
   'psam': _variant(
     optax_sam.preconditioned_sam, None, base=lambda: optax.adamw(0.01, weight_decay=0.1), rho=0.1
   ),
+  # Its own optimizer (no base) and step shape: the clean gradient at a posterior sample, both
+  # gradients in one update (tests/test_variational.py, against the authors' JAX code).
+  'bsam': _variant(lambda base, **kw: optax_sam.bsam(0.1, **kw), None, rho=0.05, data_size=100.0),
 }
 # The variants of the SAM wrapper, each with both calling modes and when= (Momentum-SAM takes no
-# grad_fn; Lookbehind-SAM's cycle and SAMPa's parallel pair are their own step shapes).
-WRAPPED = tuple(name for name in VARIANTS if name not in ('msam', 'lookbehind', 'sampa'))
+# grad_fn; Lookbehind-SAM's cycle, SAMPa's parallel pair and bSAM's variational step are their own
+# step shapes).
+OWN_STEP = ('msam', 'lookbehind', 'sampa', 'bsam')
+WRAPPED = tuple(name for name in VARIANTS if name not in OWN_STEP)
 # One of each part: the perturbations and corrections (and their combinations) the aliases name.
 CORE = ('sam', 'usam', 'asam', 'fsam', 'stablesam', 'gsam', 'fsam+stable', 'asam+stable')
 # The variants grown from parts after the core (issue 26), each checked against its authors' code.

@@ -420,7 +420,7 @@ def test_inject_hyperparams_changes_the_step_as_the_fixed_value_does(factory, na
 def test_the_blocks_of_docs_family_md_run():
   text = (pathlib.Path(__file__).parent.parent / 'docs' / 'family.md').read_text()
   blocks = re.findall(r'```python\n(.*?)```', text, flags=re.DOTALL)
-  assert len(blocks) == 4
+  assert len(blocks) == 5
   namespace = {'__name__': 'docs_family_md'}
   for block in blocks:
     exec(compile(block, 'docs/family.md', 'exec'), namespace)  # the blocks assert their results

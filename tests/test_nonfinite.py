@@ -70,8 +70,9 @@ def test_a_skipped_step_is_as_if_it_never_happened(name, where):
   p, s, q, q2, u, q3, t3 = run(params)
   assert_same(u, jax.tree.map(jnp.zeros_like, u))
   assert_same(q2, q)
-  # Bit for bit, but for Adam's arithmetic, which XLA fuses differently in the two programs (1 ulp).
-  rtol = 0.0 if variant.base is None else 1e-6
+  # Bit for bit, but for Adam's and bSAM's arithmetic (a division by a moment or a precision in the
+  # state), which XLA fuses differently in the two programs (1 ulp).
+  rtol = 0.0 if variant.base is None and name != 'bsam' else 1e-6
   assert_same(q3, p, rtol)
   assert_same(t3.inner_state, s, rtol)
   assert int(optax_sam.skipped_steps(t3)) == 1

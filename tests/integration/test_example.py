@@ -334,7 +334,7 @@ def test_sampa_pairs_each_batch_with_the_one_before(tmp_path, digits, monkeypatc
 # ----------------------------------------------------------------------------- training loop
 
 
-EXPECTED_METRIC_KEYS = {'config', 'dataset', 'history', 'final'}
+EXPECTED_METRIC_KEYS = {'config', 'dataset', 'history', 'final', 'calibration'}
 EXPECTED_FINAL_KEYS = set(reporting.EPOCH_KEYS) | {'best_test_accuracy'}
 
 
