@@ -270,17 +270,31 @@ def _check_scan_policy(spec: one_call.Spec) -> None:
     )
 
 
-def _scan_mean(spec: one_call.Spec, batches: MicroBatches, terms_of_group) -> Any:
-  """The mean over the groups (then over the devices) of a group's terms, by a scan."""
-  num_groups = jax.tree.leaves(batches.groups)[0].shape[0]
-  shapes = jax.eval_shape(terms_of_group, one_group_shape(batches.groups))
+def scan_mean(terms_of_group: Callable[[Any], tuple[Any, Any]], groups: Any, axis_name: Any) -> Any:
+  """The mean over ``groups``' leading axis (then over ``axis_name``) of a group's terms, by a scan.
+
+  ``terms_of_group(group) -> (terms, aux)``: the terms are summed in the scan's carry (the
+  group's user code runs through the CPU convolution seam), the ``aux`` outputs are stacked.
+
+  Returns:
+    ``(mean of the terms, stacked aux)``.
+  """
+  num_groups = jax.tree.leaves(groups)[0].shape[0]
+  shapes, _ = jax.eval_shape(terms_of_group, one_group_shape(groups))
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
   def body(total, group):
-    return jax.tree.map(jnp.add, total, terms_of_group(group)), None
+    terms, aux = terms_of_group(group)
+    return jax.tree.map(jnp.add, total, terms), aux
 
-  total, _ = cpu_convolutions.scan(body, zeros, batches.groups)
-  return one_call.average(jax.tree.map(lambda t: t / num_groups, total), spec.options.axis_name)
+  total, aux = cpu_convolutions.scan(body, zeros, groups)
+  return one_call.average(jax.tree.map(lambda t: t / num_groups, total), axis_name), aux
+
+
+def _scan_mean(spec: one_call.Spec, batches: MicroBatches, terms_of_group) -> Any:
+  """The mean over the groups (then over the devices) of a group's terms (:func:`scan_mean`)."""
+  with_no_aux = lambda group: (terms_of_group(group), None)
+  return scan_mean(with_no_aux, batches.groups, spec.options.axis_name)[0]
 
 
 def _scan_route(spec: one_call.Spec, batches: MicroBatches, state, params, extra):

@@ -42,8 +42,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_sam._src import cpu_convolutions, numerics, one_call
 from optax_sam._src import micro_batches as micro_batches_lib
+from optax_sam._src import numerics, one_call
 from optax_sam._src import state as state_lib
 
 
@@ -137,7 +137,7 @@ def stddev(precision: Any, data_size: Any) -> Any:
 
 
 def _member(perturbation, params, state, grad_fn, key, before: Callable[[Any], Any]):
-  """One member's ``(sqrt(s) |g|, g_adv, perturbation state)`` (``before`` averages ``g``)."""
+  """One member's ``((sqrt(s) |g|, g_adv), perturbation state)`` (``before`` averages ``g``)."""
   sigma = stddev(state.precision, state.data_size)
   noise = normal_like(params, key)
   sampled = jax.tree.map(lambda w, sd, n: w + sd * n, params, sigma, noise)
@@ -149,7 +149,7 @@ def _member(perturbation, params, state, grad_fn, key, before: Callable[[Any], A
   )
   g_adv = before(_wide(grad_fn(optax.apply_updates(params, e))))
   spread = jax.tree.map(lambda s, x: jnp.sqrt(s * x**2), state.precision, g)
-  return spread, g_adv, perturbation_state
+  return (spread, g_adv), perturbation_state
 
 
 def _device(axis_name: Any, local: bool) -> tuple[Any, int]:
@@ -171,30 +171,26 @@ def _mean_terms(perturbation, params, state, grad_fn, axis_name, local):
     keys = _keys(state.key, devices * groups)
     mine = jax.lax.dynamic_slice_in_dim(keys, device * groups, groups)
 
-    def group_terms(group, key):
+    def group_terms(group_and_key):
+      group, key = group_and_key
       return _member(
         perturbation, params, state, lambda p: grad_fn.grad_fn(p, group), key, lambda g: g
       )
 
     if grad_fn.route == 'vmap':
-      spread, g_adv, pstate = jax.vmap(group_terms)(grad_fn.groups, mine)
-      spread, g_adv = jax.tree.map(lambda x: jnp.mean(x, axis=0), (spread, g_adv))
-    else:
-
-      def body(total, inputs):
-        spread, g_adv, pstate = group_terms(*inputs)
-        return optax.tree.add(total, (spread, g_adv)), pstate
-
-      zeros = (optax.tree.zeros_like(_wide(params)), optax.tree.zeros_like(_wide(params)))
-      total, pstate = cpu_convolutions.scan(body, zeros, (grad_fn.groups, mine))
-      spread, g_adv = optax.tree.scale(1.0 / groups, total)
+      terms, pstate = jax.vmap(group_terms)((grad_fn.groups, mine))
+      spread, g_adv = jax.tree.map(lambda x: jnp.mean(x, axis=0), terms)
+    else:  # the devices' average follows, below
+      (spread, g_adv), pstate = micro_batches_lib.scan_mean(
+        group_terms, (grad_fn.groups, mine), None
+      )
     pstate = jax.tree.map(lambda x: x[0], pstate)  # alike in every group
     members = devices * groups
   else:
     device, members = _device(axis_name, local)
     keys = _keys(state.key, members)
     before = (lambda g: g) if local else (lambda g: one_call.average(g, axis_name))
-    spread, g_adv, pstate = _member(perturbation, params, state, grad_fn, keys[device], before)
+    (spread, g_adv), pstate = _member(perturbation, params, state, grad_fn, keys[device], before)
   if local or isinstance(grad_fn, micro_batches_lib.MicroBatches):
     spread, g_adv = one_call.average((spread, g_adv), axis_name)
   return spread, g_adv, pstate, keys[members]
