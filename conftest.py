@@ -12,9 +12,11 @@ import tempfile
 import pytest
 
 # The tests compile far more than they compute. LLVM without optimization halves XLA:CPU's compile
-# times (the arithmetic is the same: fast math stays off either way). The processes the tests
-# start (the study, the multi-host workers) take FAST_COMPILE from here too.
-FAST_COMPILE = '--xla_backend_optimization_level=0'
+# times (the arithmetic is the same: fast math stays off either way), and XLA:CPU's older LLVM IR
+# fusion emitters compile the tests' many small programs faster than its newer MLIR fusion emitters
+# (measured: tests/test_family.py and tests/test_when.py 42 s against 29 s on 1 core). The
+# processes the tests start (the study, the multi-host workers) take FAST_COMPILE from here too.
+FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
 os.environ['XLA_FLAGS'] = (
   os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count=8 {FAST_COMPILE}'
 ).strip()

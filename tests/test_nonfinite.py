@@ -70,11 +70,14 @@ def test_a_skipped_step_is_as_if_it_never_happened(name, where):
   p, s, q, q2, u, q3, t3 = run(params)
   assert_same(u, jax.tree.map(jnp.zeros_like, u))
   assert_same(q2, q)
-  # Bit for bit, but for Adam's and bSAM's arithmetic (a division by a moment or a precision in the
-  # state), which XLA fuses differently in the two programs (1 ulp).
-  rtol = 0.0 if variant.base is None and name != 'bsam' else 1e-6
-  assert_same(q3, p, rtol)
-  assert_same(t3.inner_state, s, rtol)
+  # To rounding: the guarded and the plain programs are the same arithmetic, which XLA:CPU fuses
+  # differently in the two (a multiply-add contracted in one and not the other, depending on the
+  # fusion emitter: conftest.py's), and LookSAM's and WSAM's state subtract nearly equal terms.
+  # A step taken on the NaN gradient, or any part of it kept in the state, moves the weights and
+  # momenta by lr |g| (1.7e-4 to 2.6e-2 per entry here), far beyond that.
+  for got, want in ((q3, p), (t3.inner_state, s)):
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
   assert int(optax_sam.skipped_steps(t3)) == 1
   assert int(t3.consecutive_skips) == 0 and bool(t3.last_finite)
 
