@@ -12,8 +12,9 @@ calibration error and the top Hessian eigenvalue at the end.
 
 The seeds of one optimizer and noise level train side by side under
 ``jax.vmap`` in one compiled program (a group). A seed fixes the
-initialization, the batch order and which labels are wrong, so the runs of one
-seed differ only by the optimizer and the comparisons are paired. The JSON is
+initialization, the batch order, which labels are wrong and the noise of a
+random optimizer (:func:`own_keys`), so the runs of one seed differ only by the
+optimizer and the comparisons are paired. The JSON is
 written after every group; ``--resume`` skips the runs it holds, ``--report``
 renders the tables and plots from it without training.
 
@@ -55,6 +56,7 @@ ECE_BINS = calibration.ECE_BINS
 SHARPNESS_EXAMPLES = 512
 LANCZOS_STEPS = 20
 CURVE_EXAMPLES = 1024  # training examples whose accuracy is recorded after every epoch
+OPTIMIZER_STREAM = 1000  # fold_in(run key, 1000 + i): the i-th PRNG key of an optimizer's state
 NAMES = (
   'sgd',
   'sgd-2x',
@@ -337,6 +339,20 @@ def gradient_evaluations(spec: Spec, steps: int) -> int:
 # --- Training ---------------------------------------------------------------------------------
 
 
+def own_keys(state: Any, key: jax.Array) -> Any:
+  """``state`` with each PRNG key of the optimizer (m-RWP's noise, bSAM's samples) the run's own.
+
+  An alias draws from its ``seed`` argument, the same for every run of a group; folded here from
+  the run's ``key``, the seeds differ in their noise as they do in initialization, batch order
+  and labels. A state without keys is returned as it is.
+  """
+  paths = [path for path, _ in optax.tree_utils.tree_get_all_with_path(state, 'key')]
+  for i, path in enumerate(paths):
+    fresh = jax.random.key_data(jax.random.fold_in(key, OPTIMIZER_STREAM + i))
+    state = optax.tree_utils.tree_set(state, lambda p, _, path=path: p == path, key=fresh)
+  return state
+
+
 def _accuracy(params, x, y, mask=None):
   correct = (jnp.argmax(apply(params, x), -1) == y).astype(jnp.float32)
   if mask is None:
@@ -381,7 +397,7 @@ def build_train(spec: Spec, setting: Setting, data: Data, epochs: int):
 
   def one(key, y_train, y_val, orders):
     params = init_params(key, setting.width)
-    state = tx.init(params)
+    state = own_keys(tx.init(params), key)
     wrong = (y_train != clean_train).astype(jnp.float32)
 
     def epoch(carry, order):

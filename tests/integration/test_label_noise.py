@@ -118,3 +118,22 @@ def test_bad_options_and_docstring_examples(tmp_path):
     label_noise.parse_spec('looksam:0.1:8')
   assert label_noise.main(['--report', '--out', str(tmp_path)]) == 1  # no JSON there
   assert doctest.testmod(label_noise).failed == 0
+
+
+def test_each_seed_draws_its_own_optimizer_noise():
+  """m-RWP's (and bSAM's) PRNG key in the state comes from the run's key, not the alias's seed."""
+  import jax
+  import numpy as np
+  import optax
+
+  setting = label_noise.Setting()
+  params = label_noise.init_params(jax.random.key(0), 4)
+  state = label_noise.make_optimizer(label_noise.parse_spec('mrwp:0.05'), setting, 10).init(params)
+  runs = [label_noise.own_keys(state, jax.random.key(seed)) for seed in (0, 1)]
+  keys = [optax.tree_utils.tree_get(run, 'key') for run in (state, *runs)]
+  assert len({tuple(np.asarray(k).tolist()) for k in keys}) == 3  # the alias's, seed 0's, seed 1's
+  for run in runs:  # nothing else changes
+    rest = lambda s: optax.tree_utils.tree_set(s, key=np.zeros(2, np.uint32))  # noqa: E731
+    jax.tree.map(np.testing.assert_array_equal, rest(run), rest(state))
+  sgd = label_noise.make_optimizer(label_noise.parse_spec('sgd'), setting, 10).init(params)
+  assert label_noise.own_keys(sgd, jax.random.key(0)) is sgd  # no key, nothing to change
