@@ -57,7 +57,7 @@ def max_diff(a, b):
 def child_environment() -> dict[str, str]:
   """This environment for a process that chooses its own devices.
 
-  It keeps conftest's compile flags and compilation cache, without conftest's 8 fake devices.
+  It keeps conftest's compile flags, without conftest's 8 fake devices.
   """
   env = dict(os.environ)
   flags = env.get('XLA_FLAGS', '').split()

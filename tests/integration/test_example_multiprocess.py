@@ -6,9 +6,7 @@ with ``--coordinator localhost:PORT --num-processes 2 --process-id 0|1
 tests/test_multihost.py's launcher, which fails the test with both processes'
 output when one fails, dies or hangs. Their result is compared with the same
 run on the 8 fake devices of this test process (the root conftest.py's), which
-is the single-process, 8-device run of the same setting. The 2-process runs
-share a persistent compilation cache in the test's folder, so the resumed run
-does not compile again.
+is the single-process, 8-device run of the same setting.
 """
 
 import json
@@ -43,7 +41,6 @@ def _two_processes(tmp_path: pathlib.Path, job: str, *flags: str) -> list[str]:
   """Runs the example on 2 processes into ``tmp_path / 'run'``; returns each one's output."""
   folder = tmp_path / job
   folder.mkdir()
-  # The processes share the run's compilation cache (conftest.py, through _run_job's environment).
   command = lambda i, port, out: [
     sys.executable,
     '-m',
