@@ -104,23 +104,40 @@ def lanczos(
     hv = matvec(v)
     hnorm = jnp.maximum(hnorm, tree_basis.norm(hv))
     alpha = numerics.vdot(v, hv)
-    w = tree_basis.project_out(basis, hv)  # removes alpha v_j, beta v_{j-1} and roundoff
-    beta = tree_basis.norm(w)
-    broke = beta <= rtol * hnorm
 
-    def proceed(_):
-      return numerics.scale_tree(w, 1 / jnp.where(broke, 1, beta)), beta, valid[j]
+    # Round 0 orthogonalizes H v_j (removing alpha v_j, beta v_{j-1} and roundoff). After a
+    # breakdown, round 1 orthogonalizes a random restart vector instead. The rounds share one
+    # projection in the compiled loop (a branch holding a second one cost about a sixth of the
+    # first call's time, docs/sharpness.md), and a step without breakdown runs round 0 alone.
+    def round_(state):
+      x, count, _, _ = state
+      x = jax.lax.cond(
+        count == 0,
+        lambda: x,
+        lambda: jax.tree.map(
+          lambda r, h: r.astype(h.dtype),
+          hvp_lib.random_like(jax.random.fold_in(key, j), v, 'rademacher'),
+          x,
+        ),
+      )
+      before = tree_basis.norm(x)
+      x = tree_basis.project_out(basis, x)
+      return x, count + 1, before, tree_basis.norm(x)
 
-    def restart(_):
-      r = hvp_lib.random_like(jax.random.fold_in(key, j), v, 'rademacher')
-      before = tree_basis.norm(r)
-      r = tree_basis.project_out(basis, r)
-      after = tree_basis.norm(r)
-      fresh = valid[j] & (after > jnp.sqrt(rtol) * before)
-      r = numerics.scale_tree(r, jnp.where(fresh, 1 / jnp.where(fresh, after, 1), 0))
-      return r, jnp.zeros([], dtype), fresh
+    def again(state):
+      _, count, _, after = state
+      return (count == 0) | ((count == 1) & (after <= rtol * hnorm))
 
-    v_next, beta, valid_next = jax.lax.cond(broke, restart, proceed, None)
+    zero = jnp.zeros([], dtype)
+    x, count, before, after = jax.lax.while_loop(again, round_, (hv, jnp.int32(0), zero, zero))
+    broke = count == 2
+    fresh = valid[j] & (after > jnp.sqrt(rtol) * before)
+    scale = jnp.where(
+      broke, jnp.where(fresh, 1 / jnp.where(fresh, after, 1), 0), 1 / jnp.where(after > 0, after, 1)
+    )
+    v_next = numerics.scale_tree(x, scale)
+    beta = jnp.where(broke, 0, after)
+    valid_next = jnp.where(broke, fresh, valid[j])
     alphas = alphas.at[j].set(jnp.where(valid[j], alpha, 0))
     betas = betas.at[j].set(jnp.where(valid[j], beta, 0))
     return (
