@@ -617,6 +617,25 @@ def test_directional_sharpness_is_the_rayleigh_quotient_of_the_dense_hessian():
     sharpness.directional_sharpness(loss, params, batch, jnp.zeros(3))
 
 
+def test_the_top_eigenvalue_is_differentiated_along_its_eigenvector():
+  """docs/sharpness.md's recipe: the gradient of lambda_max is that of v^T H(w) v at the fixed
+  eigenvector (Hellmann-Feynman), against the dense Hessian's eigenvalue differentiated; the
+  Lanczos loop itself has no reverse mode (its restart round is a while_loop)."""
+  loss, params, batch, _ = _mlp_problem(1)
+  flat, unravel = ravel_pytree(params)
+  top = lambda f: jnp.linalg.eigvalsh(jax.hessian(lambda x: loss(unravel(x), batch))(f))[-1]  # noqa: E731
+  want = jax.grad(top)(flat)
+  r = sharpness.hessian_eigenvalues(loss, params, batch, key=KEY, num_steps=40)
+  v = jax.tree.map(lambda x: x[0], r.eigenvectors)
+  along = lambda p: sharpness.directional_sharpness(loss, p, batch, v).sharpness  # noqa: E731
+  got = ravel_pytree(jax.grad(along)(params))[0]
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8 * float(jnp.max(jnp.abs(want))))
+  with pytest.raises(ValueError, match='Reverse-mode differentiation does not work'):
+    jax.grad(lambda p: sharpness.hessian_eigenvalues(loss, p, batch, key=KEY).eigenvalues[0])(
+      params
+    )
+
+
 def test_repeated_calls_reuse_the_compiled_program():
   """Outside jit, the estimators compile once per loss_fn and shapes; a batch with a static
   (non-array) leaf still runs, without the outer jit."""
