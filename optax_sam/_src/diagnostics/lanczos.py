@@ -132,9 +132,8 @@ def lanczos(
     x, count, before, after = jax.lax.while_loop(again, round_, (hv, jnp.int32(0), zero, zero))
     broke = count == 2
     fresh = valid[j] & (after > jnp.sqrt(rtol) * before)
-    scale = jnp.where(
-      broke, jnp.where(fresh, 1 / jnp.where(fresh, after, 1), 0), 1 / jnp.where(after > 0, after, 1)
-    )
+    # after > 0 but for a restart with nothing fresh left, whose vector is zero (an invalid step).
+    scale = jnp.where(broke & ~fresh, 0, 1 / jnp.where(after > 0, after, 1))
     v_next = numerics.scale_tree(x, scale)
     beta = jnp.where(broke, 0, after)
     valid_next = jnp.where(broke, fresh, valid[j])
