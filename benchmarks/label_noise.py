@@ -306,13 +306,8 @@ def make_optimizer(spec: Spec, setting: Setting, steps: int) -> optax.GradientTr
   if name == 'bsam':  # its own optimizer; its first step as long as SGD's with momentum (s_0 = 1)
     data_size = steps // epochs_of(spec, setting) * setting.batch_size  # the epoch's examples
     peak = setting.lr / (1 - setting.momentum)
-    return optax_sam.bsam(
-      optax.cosine_decay_schedule(peak, decay_steps=steps),
-      rho,
-      beta1=setting.momentum,
-      data_size=data_size,
-      prior_precision=setting.weight_decay * data_size,
-    )
+    schedule = optax.cosine_decay_schedule(peak, decay_steps=steps)
+    return config_lib.bsam_for_sgd(schedule, rho, setting.momentum, setting.weight_decay, data_size)
   if name in aliases.VARIANTS:  # the library's named variants, with their defaults
     return aliases.VARIANTS[name](base, rho)
   raise ValueError(f'unknown optimizer {name!r}')

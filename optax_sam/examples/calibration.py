@@ -16,7 +16,6 @@ import optax_sam
 from optax_sam.examples import data as data_lib
 
 ECE_BINS = 15  # equal-width confidence bins
-EVAL_BATCH_SIZE = 500
 
 
 def expected_calibration_error(
@@ -55,7 +54,7 @@ def probabilities(model: nnx.Module, x: np.ndarray) -> np.ndarray:
   eval_model = nnx.view(model, deterministic=True, use_running_average=True)
   labels = np.zeros(len(x), np.int32)
   out = []
-  for xb, _, mask in data_lib.eval_batches(x, labels, EVAL_BATCH_SIZE):
+  for xb, _, mask in data_lib.eval_batches(x, labels, data_lib.EVAL_BATCH_SIZE):
     out.append(np.asarray(_probabilities(eval_model, xb))[mask > 0])
   return np.concatenate(out)
 

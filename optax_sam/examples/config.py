@@ -26,6 +26,8 @@ import math
 from collections.abc import Callable
 from typing import Any, Optional
 
+import optax
+
 import optax_sam
 from optax_sam._src import aliases
 from optax_sam.examples import data
@@ -179,6 +181,28 @@ def library_rho_defaults() -> dict[str, float]:
     'looksam': library_default(optax_sam.look_sam, 'rho'),
     'msam': library_default(optax_sam.momentum_sam, 'rho'),
   }
+
+
+def bsam_for_sgd(
+  learning_rate: optax.ScalarOrSchedule,
+  rho: float,
+  momentum: float,
+  weight_decay: float,
+  data_size: int,
+) -> optax.GradientTransformationExtraArgs:
+  """:func:`optax_sam.bsam` in place of SGD with momentum and weight decay.
+
+  Its ``beta1`` is the momentum and its prior precision the weight decay times ``N``
+  (``data_size``, the examples of an epoch): the weight decay of SGD is the prior precision per
+  example.
+  """
+  return optax_sam.bsam(
+    learning_rate,
+    rho,
+    beta1=momentum,
+    data_size=data_size,
+    prior_precision=weight_decay * data_size,
+  )
 
 
 def default_rho(spec: OptimizerSpec) -> float:

@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 
 DATASETS = ('mnist1d', 'digits', 'cifar10')
+EVAL_BATCH_SIZE = 500  # evaluation's batches (eval_batches pads the last one to it)
 MNIST1D_SAMPLES = 5000  # the MNIST-1D paper's size: 4000 training and 1000 test examples
 
 

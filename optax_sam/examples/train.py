@@ -46,7 +46,6 @@ from optax_sam.examples import checkpoints as checkpoints_lib
 from optax_sam.examples import config as config_lib
 from optax_sam.examples import data as data_lib
 
-EVAL_BATCH_SIZE = 500
 # Sharpness is measured on the first SHARPNESS_EXAMPLES training examples, in eval
 # mode, with SAM's normalized ascent at SHARPNESS_RHO whatever the optimizer.
 SHARPNESS_EXAMPLES = 512
@@ -128,13 +127,7 @@ def create_optimizer(
     return optax_sam.sampa(base, rho)
   if spec.named == 'bsam':  # its own optimizer, on the examples of an epoch: no SGD base
     data_size = steps_per_epoch * config.batch_size
-    return optax_sam.bsam(
-      lr,
-      rho,
-      beta1=config.momentum,
-      data_size=data_size,
-      prior_precision=config.weight_decay * data_size,
-    )
+    return config_lib.bsam_for_sgd(lr, rho, config.momentum, config.weight_decay, data_size)
   if spec.named:  # WSAM's decoupled term takes the base's learning rate
     extra = {'learning_rate': lr} if spec.named == 'wsam' else {}
     return aliases.VARIANTS[spec.named](base, rho, when=when, statistics=True, **extra)
@@ -396,9 +389,9 @@ def evaluate(
   devices); the sums are global, so every process gets the same numbers.
   """
   eval_model = nnx.view(model, deterministic=True, use_running_average=True)
-  size, place = EVAL_BATCH_SIZE, lambda *batch: batch
+  size, place = data_lib.EVAL_BATCH_SIZE, lambda *batch: batch
   if parallel is not None:
-    size, place = parallel.padded_size(EVAL_BATCH_SIZE), parallel.batch
+    size, place = parallel.padded_size(data_lib.EVAL_BATCH_SIZE), parallel.batch
   totals = [eval_step(eval_model, *place(*batch)) for batch in data_lib.eval_batches(x, y, size)]
   loss, correct = np.sum(np.asarray(totals), axis=0)
   return float(loss) / len(y), float(correct) / len(y)
