@@ -113,7 +113,7 @@ def precision_ascent(rho: float = 0.1) -> optax.GradientTransformationExtraArgs:
 
 def _wide(tree: Any) -> Any:
   """``tree`` with its floating leaves in float32 or wider (the posterior's arithmetic)."""
-  return jax.tree.map(lambda x: x.astype(jnp.promote_types(jnp.float32, jnp.result_type(x))), tree)
+  return jax.tree.map(lambda x: x.astype(numerics.accumulation_dtype(x)), tree)
 
 
 def normal_like(tree: Any, key: jax.Array) -> Any:
