@@ -198,3 +198,30 @@ def test_the_aliases_are_compositions():
   }
   assert not called & factories
   assert '{distributed}' not in source and '__doc__' not in source
+
+
+def test_the_aliases_hand_hyperparameters_on_by_keyword():
+  """Inside an alias, its hyperparameters reach the parts by keyword (the radius may lead).
+
+  A positional pass-through (``_build(9 positional)``) breaks silently when a part gains or
+  reorders a parameter; by keyword, it is a ``TypeError``. Only the first two arguments of a
+  call (``ascent(rho, ...)``, ``check_range('rho', rho)``) may be a hyperparameter by position.
+  """
+  tree = ast.parse(pathlib.Path(aliases.__file__).read_text())
+  alias_nodes = [
+    node
+    for node in tree.body
+    if isinstance(node, ast.FunctionDef)
+    and 'options_lib.takes_options' in map(ast.unparse, node.decorator_list)
+  ]
+  assert len(alias_nodes) >= 15, [node.name for node in alias_nodes]
+  positional = []
+  for alias in alias_nodes:
+    hyperparameters = {a.arg for a in alias.args.args + alias.args.kwonlyargs} - {'base_optimizer'}
+    for node in ast.walk(alias):
+      if isinstance(node, ast.Call):
+        passed = [a.id for a in node.args[2:] if isinstance(a, ast.Name)]
+        positional += [
+          (alias.name, ast.unparse(node.func), n) for n in passed if n in hyperparameters
+        ]
+  assert not positional, positional

@@ -35,8 +35,9 @@ SAMOptions = options_lib.SAMOptions
 
 
 def _ascent_and_correction(
-  rho, normalize, adaptive, eta, adaptive_mask, stable, eps, perturb_mask=None
+  rho, *, normalize, adaptive, eta, adaptive_mask, perturb_mask, stable, eps
 ):
+  """SAM's ascent (:func:`ascent`) and, with ``stable``, StableSAM's correction."""
   numerics.check_flag('stable', stable)
   ascent = perturbations.ascent(
     rho,
@@ -116,7 +117,14 @@ def sam(
     Generalization": https://arxiv.org/abs/2010.01412
   """
   ascent, correction = _ascent_and_correction(
-    rho, normalize, adaptive, eta, adaptive_mask, stable, eps, perturb_mask
+    rho,
+    normalize=normalize,
+    adaptive=adaptive,
+    eta=eta,
+    adaptive_mask=adaptive_mask,
+    perturb_mask=perturb_mask,
+    stable=stable,
+    eps=eps,
   )
   return wrapper.compose(base_optimizer, ascent, correction, SAMOptions(**options))
 
@@ -170,7 +178,14 @@ def asam(
   """
   mask = adaptive_lib.not_bias_mask if adaptive_mask is None else adaptive_mask
   ascent, correction = _ascent_and_correction(
-    rho, normalize, True, eta, mask, stable, eps, perturb_mask
+    rho,
+    normalize=normalize,
+    adaptive=True,
+    eta=eta,
+    adaptive_mask=mask,
+    perturb_mask=perturb_mask,
+    stable=stable,
+    eps=eps,
   )
   return wrapper.compose(base_optimizer, ascent, correction, SAMOptions(**options))
 
@@ -235,7 +250,14 @@ def friendly_sam(
     https://arxiv.org/abs/2403.12350
   """
   ascent, correction = _ascent_and_correction(
-    rho, normalize, adaptive, eta, adaptive_mask, stable, eps, perturb_mask
+    rho,
+    normalize=normalize,
+    adaptive=adaptive,
+    eta=eta,
+    adaptive_mask=adaptive_mask,
+    perturb_mask=perturb_mask,
+    stable=stable,
+    eps=eps,
   )
   direction = perturbations.friendly_direction(sigma, lmbda, ema_dtype=ema_dtype)
   perturbation = optax.chain(direction, ascent)
@@ -293,7 +315,14 @@ def stable_sam(
     Simple Renormalization Strategy": https://arxiv.org/abs/2401.07250
   """
   ascent, correction = _ascent_and_correction(
-    rho, normalize, adaptive, eta, adaptive_mask, True, eps, perturb_mask
+    rho,
+    normalize=normalize,
+    adaptive=adaptive,
+    eta=eta,
+    adaptive_mask=adaptive_mask,
+    perturb_mask=perturb_mask,
+    stable=True,
+    eps=eps,
   )
   return wrapper.compose(base_optimizer, ascent, correction, SAMOptions(**options))
 
@@ -744,7 +773,7 @@ def lookbehind_sam(
     base_optimizer,
     ascent,
     cycles.interpolate(alpha),
-    k,
+    k=k,
     axis_name=options.axis_name,
     local_perturbation=options.local_perturbation,
   )
@@ -1016,7 +1045,7 @@ def sampa(
   return parallel.parallel_sam(
     base_optimizer,
     ascent,
-    lmbda,
+    lmbda=lmbda,
     axis_name=options.axis_name,
     pair_axis_name=pair_axis_name,
     pair_route=pair_route,

@@ -50,7 +50,9 @@ def _radius_factor(lmbda: Any, norm: jax.Array, eps: Any) -> jax.Array:
   return (1 - lmbda) + lmbda * inverse
 
 
-def _ascent(rho, lmbda, adaptive, eta, adaptive_mask, perturb_mask, eps, direction_fn=None):
+def _ascent(
+  rho, *, lmbda, adaptive, eta=0.0, adaptive_mask=None, perturb_mask=None, eps, direction_fn=None
+):
   """The ascent of SAM, USAM, ASAM, Unified SAM and GCSAM.
 
   ``lmbda`` is 1 (SAM's normalized ascent), 0 (USAM's), between, or a schedule;
@@ -160,7 +162,15 @@ def ascent(
   numerics.check_flag('normalize', normalize)
   numerics.check_flag('adaptive', adaptive)
   lmbda = 1.0 if normalize else 0.0
-  return _ascent(rho, lmbda, adaptive, eta, adaptive_mask, perturb_mask, eps)
+  return _ascent(
+    rho,
+    lmbda=lmbda,
+    adaptive=adaptive,
+    eta=eta,
+    adaptive_mask=adaptive_mask,
+    perturb_mask=perturb_mask,
+    eps=eps,
+  )
 
 
 def unified_ascent(
@@ -216,7 +226,15 @@ def unified_ascent(
   numerics.check_flag('adaptive', adaptive)
   if not callable(lmbda) and numerics.is_concrete(lmbda):
     lmbda = float(lmbda)
-  return _ascent(rho, lmbda, adaptive, eta, adaptive_mask, perturb_mask, eps)
+  return _ascent(
+    rho,
+    lmbda=lmbda,
+    adaptive=adaptive,
+    eta=eta,
+    adaptive_mask=adaptive_mask,
+    perturb_mask=perturb_mask,
+    eps=eps,
+  )
 
 
 class FriendlyState(NamedTuple):
@@ -436,4 +454,6 @@ def centralized_ascent(
   numerics.check_range('eps', eps)
   numerics.check_flag('adaptive', adaptive)
   center = lambda g: jax.tree.map(lambda x: centralize(x, output_axes), g)
-  return _ascent(rho, 1.0, adaptive, 0.0, None, perturb_mask, eps, direction_fn=center)
+  return _ascent(
+    rho, lmbda=1.0, adaptive=adaptive, perturb_mask=perturb_mask, eps=eps, direction_fn=center
+  )
