@@ -28,15 +28,16 @@ QUANTITIES = ('eigenvalues', 'trace', 'density')
 LIBRARIES = ('optax_sam', 'optax_sam flat', 'matfree')
 
 
-def problem():
+def problem(hidden_layers=2):
+  """The tanh MLP, its data and loss; ``2 (hidden_layers + 1)`` parameter leaves."""
   import jax
   import jax.numpy as jnp
 
-  sizes = (40, 32, 32, 10)
+  sizes = (40, *(32,) * hidden_layers, 10)
   keys = jax.random.split(jax.random.key(0), len(sizes) + 1)
   params = [
     {'w': jax.random.normal(k, (a, b)) / a**0.5, 'b': jnp.zeros(b)}
-    for k, a, b in zip(keys[:3], sizes[:-1], sizes[1:], strict=True)
+    for k, a, b in zip(keys[: len(sizes) - 1], sizes[:-1], sizes[1:], strict=True)
   ]
   batch = (
     jax.random.normal(keys[-2], (256, sizes[0])),
@@ -100,12 +101,12 @@ def matfree_call(quantity, loss_fn):
   return jax.jit({'eigenvalues': eigenvalues, 'trace': trace, 'density': density}[quantity])
 
 
-def one(library, quantity, later_calls):
+def one(library, quantity, later_calls, hidden_layers=2):
   """Times one (library, quantity) in this process; returns first and median later seconds."""
   import jax
   from jax.flatten_util import ravel_pytree
 
-  loss_fn, params, batch = problem()
+  loss_fn, params, batch = problem(hidden_layers)
   if library == 'optax_sam flat':  # the recipe of docs/sharpness.md: one vector, raveled once
     params, unravel = ravel_pytree(params)
     loss_fn = (lambda f: lambda v, b: f(unravel(v), b))(loss_fn)
@@ -129,12 +130,18 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--repeats', type=int, default=3, help='fresh processes per case')
   parser.add_argument('--later-calls', type=int, default=5)
+  parser.add_argument(
+    '--hidden-layers',
+    type=int,
+    default=2,
+    help='hidden tanh layers of width 32 (2: the 2,698-parameter MLP with 6 leaves)',
+  )
   parser.add_argument('--quantities', nargs='+', default=list(QUANTITIES), choices=QUANTITIES)
   parser.add_argument('--libraries', nargs='+', default=list(LIBRARIES), choices=LIBRARIES)
   parser.add_argument('--one', nargs=2, metavar=('LIBRARY', 'QUANTITY'), help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.one:
-    print(json.dumps(one(*args.one, args.later_calls)))
+    print(json.dumps(one(*args.one, args.later_calls, args.hidden_layers)))
     return
   results = {}
   for repeat in range(args.repeats):
@@ -142,7 +149,8 @@ def main():
       # Alternate which library goes first, so slow spells of the machine fall on both.
       for library in args.libraries if repeat % 2 == 0 else args.libraries[::-1]:
         command = [sys.executable, '-m', 'benchmarks.curvature_first_call', '--one', library,
-                   quantity, '--later-calls', str(args.later_calls)]  # fmt: skip
+                   quantity, '--later-calls', str(args.later_calls),
+                   '--hidden-layers', str(args.hidden_layers)]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode:
           print(f'{library} {quantity} failed:\n{done.stderr[-2000:]}', file=sys.stderr)

@@ -204,8 +204,10 @@ def test_hessian_functions_are_the_general_ones_on_the_hessian_operator():
       sharpness.spectral_density(hvp, params, key=KEY, num_steps=8),
     ),
   ]
+  # atol: XTrace's error estimate is zero but for rounding here (the sketch captures the whole
+  # operator), and the compiled and the step-by-step programs round it apart (4e-11 against 3e-11).
   for got, want in pairs:
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-12), got, want)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-10), got, want)
 
 
 # --- XTrace, XNysTrace and XDiag ------------------------------------------------------------------

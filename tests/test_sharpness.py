@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 import optax_sam
 from optax_sam import sharpness
 from optax_sam._src.diagnostics import hvp as hvp_lib
+from optax_sam._src.diagnostics import trace_estimators, vector_layout
 
 SHAPES = {'a': (3, 4), 'b': (5,), 'c': (2, 3, 2)}  # 29 parameters in three leaves
 N = 29
@@ -271,19 +272,21 @@ def mlp_problem(dtype=jnp.float64, batch_size=16):
   return loss, params, batch
 
 
-def test_mlp_against_dense_hessian():
+@pytest.mark.parametrize('layout', ['tree', 'flat'])
+def test_mlp_against_dense_hessian(layout):
   loss, params, batch = mlp_problem()
   f, unravel = ravel_pytree(params)
   h = np.asarray(jax.jit(jax.hessian(lambda x: loss(unravel(x), batch)))(f))
   exact = np.linalg.eigvalsh(h)[::-1]
   n = h.shape[0]  # 32
+  options = dict(key=KEY, layout=layout)
 
   @jax.jit
   def measures(params, batch):
     return (
-      sharpness.hessian_eigenvalues(loss, params, batch, key=KEY, k=3, num_steps=n + 4),
-      sharpness.hessian_trace(loss, params, batch, key=KEY, num_probes=200),
-      sharpness.hessian_spectral_density(loss, params, batch, key=KEY, num_probes=1, num_steps=n),
+      sharpness.hessian_eigenvalues(loss, params, batch, **options, k=3, num_steps=n + 4),
+      sharpness.hessian_trace(loss, params, batch, **options, num_probes=200),
+      sharpness.hessian_spectral_density(loss, params, batch, **options, num_probes=1, num_steps=n),
     )
 
   r, t, d = measures(params, batch)
@@ -662,3 +665,61 @@ def test_repeated_calls_reuse_the_compiled_program():
     static, params, {'scale': jnp.asarray(3.0), 'kind': 'sum'}, key=jax.random.key(0)
   )
   assert float(r.eigenvalues[0]) == pytest.approx(3.0, rel=1e-5)
+
+
+# --- How the vectors are held: leaf by leaf or raveled --------------------------------------------
+
+
+def test_flat_and_tree_layouts_give_the_same_estimates():
+  """Raveled vectors start from the same random draws; the estimates agree to rounding."""
+  loss, params, batch = mlp_problem()
+  for method in trace_estimators.METHODS:
+    pair = [
+      sharpness.hessian_trace(loss, params, batch, key=KEY, num_probes=12, method=method, layout=x)
+      for x in ('tree', 'flat')
+    ]
+    np.testing.assert_allclose(pair[0], pair[1], rtol=1e-10, err_msg=method)
+  pair = [
+    (
+      sharpness.hessian_eigenvalues(loss, params, batch, key=KEY, k=3, layout=layout),
+      sharpness.hessian_spectral_density(loss, params, batch, key=KEY, layout=layout),
+    )
+    for layout in ('tree', 'flat')
+  ]
+  assert jax.tree.structure(pair[0]) == jax.tree.structure(pair[1])  # eigenvectors like params
+  assert jax.tree.leaves(pair[1][0].eigenvectors)[0].shape[0] == 3
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10), *pair)
+
+
+@pytest.mark.devices(8)
+def test_auto_ravels_only_parameters_it_can_see_whole():
+  """Concrete, one dtype, on one device or replicated: raveled; traced, sharded or mixed: not."""
+  mesh = jax.make_mesh((8,), ('model',))
+  params = {'w': jnp.ones((8, 4)), 'b': jnp.ones(4)}
+  assert vector_layout.resolve('auto', params) == 'flat'
+  assert vector_layout.resolve('auto', jax.tree.map(np.asarray, params)) == 'flat'
+  assert vector_layout.resolve('auto', jax.device_put(params, NamedSharding(mesh, P()))) == 'flat'
+  split = {'w': jax.device_put(params['w'], NamedSharding(mesh, P('model'))), 'b': params['b']}
+  assert vector_layout.resolve('auto', split) == 'tree'
+  assert vector_layout.resolve('auto', {**params, 'b': params['b'].astype(jnp.float32)}) == 'tree'
+  assert vector_layout.resolve('auto', {}) == 'tree'
+  assert vector_layout.resolve('tree', params) == 'tree'
+  assert vector_layout.resolve('flat', split) == 'flat'  # asked for: as asked
+  seen = []
+  jax.jit(lambda p: seen.append(vector_layout.resolve('auto', p)) or 0.0)(params)
+  assert seen == ['tree']
+  with pytest.raises(ValueError, match='layout must be one of'):
+    vector_layout.resolve('raveled', params)
+
+
+def test_auto_is_chosen_on_the_concrete_parameters(monkeypatch):
+  """The compiled estimators decide before tracing (where shardings are still visible)."""
+  raveled = []
+  original = vector_layout.raveled
+  monkeypatch.setattr(vector_layout, 'raveled', lambda *a: raveled.append(1) or original(*a))
+  loss, params, batch = mlp_problem()
+  loss_fn = lambda p, b: loss(p, b)  # noqa: E731 (a new function: a new program)
+  sharpness.hessian_eigenvalues(loss_fn, params, batch, key=KEY)
+  assert raveled == [1]
+  jax.jit(lambda p: sharpness.hessian_eigenvalues(loss_fn, p, batch, key=KEY))(params)
+  assert raveled == [1]  # inside the caller's jit: leaf by leaf

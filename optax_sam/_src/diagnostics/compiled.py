@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 
+from optax_sam._src.diagnostics import vector_layout
+
 Estimator = TypeVar('Estimator', bound=Callable[..., Any])
 
 
@@ -26,6 +28,8 @@ def compiled(*static: str) -> Callable[[Estimator], Estimator]:
 
   Args:
     *static: the names of the static arguments besides ``loss_fn`` (the budgets and choices).
+      An estimator's ``layout`` is resolved here, outside the program, on the concrete
+      ``params`` (:func:`vector_layout.resolve`).
 
   Returns:
     The decorator. Where the program cannot be keyed or traced, the estimator runs as it
@@ -42,13 +46,17 @@ def compiled(*static: str) -> Callable[[Estimator], Estimator]:
     @functools.wraps(estimator)
     def call(loss_fn, *args, **kwargs):
       arguments = signature.bind(loss_fn, *args, **kwargs).arguments
+      if 'layout' in signature.parameters:
+        # Chosen on the concrete parameters, whose shardings the traced program cannot see.
+        layout = arguments.get('layout', signature.parameters['layout'].default)
+        arguments['layout'] = vector_layout.resolve(layout, arguments['params'])
       dynamic = [value for name, value in arguments.items() if name not in names]
       traceable = all(isinstance(x, (jax.Array, np.ndarray)) for x in jax.tree.leaves(dynamic))
       try:
         hash(loss_fn)
       except TypeError:
         traceable = False
-      return (jitted if traceable else estimator)(loss_fn, *args, **kwargs)
+      return (jitted if traceable else estimator)(**arguments)
 
     return call  # type: ignore[return-value]
 

@@ -12,7 +12,13 @@ import jax
 import jax.numpy as jnp
 
 from optax_sam._src import numerics
-from optax_sam._src.diagnostics import chunking, compiled, trace_estimators, tree_basis
+from optax_sam._src.diagnostics import (
+  chunking,
+  compiled,
+  trace_estimators,
+  tree_basis,
+  vector_layout,
+)
 from optax_sam._src.diagnostics import hvp as hvp_lib
 from optax_sam._src.diagnostics import lanczos as lanczos_lib
 
@@ -63,7 +69,7 @@ class HessianEigenvalues(NamedTuple):
   converged: jax.Array
 
 
-@compiled.compiled('k', 'num_steps', 'which', 'num_chunks', 'unroll')
+@compiled.compiled('k', 'num_steps', 'which', 'num_chunks', 'unroll', 'layout')
 def hessian_eigenvalues(
   loss_fn: hvp_lib.LossFn,
   params: Any,
@@ -75,6 +81,7 @@ def hessian_eigenvalues(
   which: str = 'largest',
   num_chunks: int = 1,
   unroll: bool = False,
+  layout: str = 'auto',
 ) -> HessianEigenvalues:
   r"""The ``k`` leading eigenvalues and eigenvectors of the loss Hessian, by Lanczos.
 
@@ -128,6 +135,11 @@ def hessian_eigenvalues(
       XLA:CPU's fast order inside the loop, so on CPU the loop is as fast
       (the example's CNN, 10 steps: 1.10 s looped, 1.07 s unrolled, after
       compiling for 13.5 s and 71 s).
+    layout: ``'auto'``, ``'tree'`` or ``'flat'`` (static): how the Krylov
+      basis is held, see :func:`eigenvalues`. ``'auto'`` ravels it for
+      parameters of one dtype that are whole on each device (the first call
+      compiles about 1.6x faster on a 6-leaf MLP, 2.5x on a 50-leaf one) and
+      keeps it leaf by leaf for sharded parameters and inside ``jax.jit``.
 
   Returns:
     A :class:`HessianEigenvalues`.
@@ -149,7 +161,8 @@ def hessian_eigenvalues(
   """
   chunking.check_num_chunks(num_chunks)
   hvp = hvp_lib.hvp_fn(loss_fn, params, batch, num_chunks)
-  return eigenvalues(hvp, params, key=key, k=k, num_steps=num_steps, which=which, unroll=unroll)
+  options = dict(key=key, k=k, num_steps=num_steps, which=which, unroll=unroll)
+  return eigenvalues(hvp, params, **options, layout=layout)
 
 
 def eigenvalues(
@@ -161,6 +174,7 @@ def eigenvalues(
   num_steps: Optional[int] = None,
   which: str = 'largest',
   unroll: bool = False,
+  layout: str = 'auto',
 ) -> HessianEigenvalues:
   r"""The ``k`` leading eigenvalues and eigenvectors of a symmetric operator, by Lanczos.
 
@@ -178,6 +192,13 @@ def eigenvalues(
     num_steps: Lanczos steps (static); ``None``: ``20 + 2 k``.
     which: ``'largest'`` (algebraic) or ``'magnitude'``.
     unroll: unroll the Lanczos loop (static).
+    layout: how the vectors (the Krylov basis) are held (static): ``'tree'``
+      leaf by leaf like ``params``, ``'flat'`` raveled into one vector
+      (``matvec`` still sees vectors like ``params``; compiling no longer grows
+      with the number of leaves), or ``'auto'``: ``'flat'`` for concrete
+      parameters of one dtype that are whole on each device, ``'tree'`` for
+      traced or sharded ones (see ``docs/sharpness.md``). The same results to
+      rounding.
 
   Returns:
     A :class:`HessianEigenvalues` (of ``matvec``'s operator).
@@ -194,6 +215,11 @@ def eigenvalues(
     Lanczos, 1950 (J. Res. Nat. Bur. Standards 45); Golub and Van Loan,
     "Matrix Computations", 4th ed., section 10.1.
   """
+  if vector_layout.resolve(layout, params) == 'flat':
+    flat_matvec, template, unravel = vector_layout.raveled(matvec, params)
+    options = dict(key=key, k=k, num_steps=num_steps, which=which, unroll=unroll)
+    result = eigenvalues(flat_matvec, template, **options, layout='tree')
+    return result._replace(eigenvectors=jax.vmap(unravel)(result.eigenvectors))
   numerics.check_integer('k', k)
   if num_steps is None:
     num_steps = DEFAULT_EIGEN_STEPS + 2 * k
@@ -226,7 +252,6 @@ def eigenvalues(
     ),
     eigvecs,
   )
-  eigenvalues = values[:k]
   # Residuals from the recurrence: |beta_m s_{m,i}|, for every Ritz value (the convergence flag
   # looks at those ranked below the k returned ones too).
   all_residuals = jnp.abs(run.last_beta * vectors[num_steps - 1, :])
@@ -237,7 +262,7 @@ def eigenvalues(
   has_second = second_ok & (second != 0)
   ratio = jnp.where(has_second, values[0] / jnp.where(has_second, second, 1), jnp.inf)
   return HessianEigenvalues(
-    eigenvalues=eigenvalues,
+    eigenvalues=values[:k],
     eigenvectors=eigvecs,
     residuals=residuals,
     ratio=ratio,
@@ -342,7 +367,7 @@ class SpectralDensity(NamedTuple):
   weights: jax.Array
 
 
-@compiled.compiled('num_probes', 'num_steps', 'num_chunks')
+@compiled.compiled('num_probes', 'num_steps', 'num_chunks', 'layout')
 def hessian_spectral_density(
   loss_fn: hvp_lib.LossFn,
   params: Any,
@@ -352,6 +377,7 @@ def hessian_spectral_density(
   num_probes: int = DEFAULT_SLQ_PROBES,
   num_steps: int = DEFAULT_SLQ_STEPS,
   num_chunks: int = 1,
+  layout: str = 'auto',
 ) -> SpectralDensity:
   r"""The Hessian's eigenvalue density by stochastic Lanczos quadrature (SLQ).
 
@@ -385,6 +411,7 @@ def hessian_spectral_density(
     num_steps: Lanczos steps per probe (static); the quadrature is exact for
       polynomials of degree below ``2 * num_steps``.
     num_chunks: chunks per product (static), see :func:`hessian_eigenvalues`.
+    layout: ``'auto'``, ``'tree'`` or ``'flat'`` (static), see :func:`hessian_eigenvalues`.
 
   Returns:
     A :class:`SpectralDensity`.
@@ -407,7 +434,8 @@ def hessian_spectral_density(
   """
   chunking.check_num_chunks(num_chunks)
   hvp = hvp_lib.hvp_fn(loss_fn, params, batch, num_chunks)
-  return spectral_density(hvp, params, key=key, num_probes=num_probes, num_steps=num_steps)
+  options = dict(key=key, num_probes=num_probes, num_steps=num_steps)
+  return spectral_density(hvp, params, **options, layout=layout)
 
 
 def spectral_density(
@@ -417,6 +445,7 @@ def spectral_density(
   key: jax.Array,
   num_probes: int = DEFAULT_SLQ_PROBES,
   num_steps: int = DEFAULT_SLQ_STEPS,
+  layout: str = 'auto',
 ) -> SpectralDensity:
   r"""The eigenvalue density of a symmetric operator by stochastic Lanczos quadrature.
 
@@ -431,6 +460,7 @@ def spectral_density(
     key: PRNG key of the probes.
     num_probes: number of probe vectors (static).
     num_steps: Lanczos steps per probe (static).
+    layout: ``'auto'``, ``'tree'`` or ``'flat'`` (static), as for :func:`eigenvalues`.
 
   Returns:
     A :class:`SpectralDensity`.
@@ -448,6 +478,10 @@ def spectral_density(
     2010; Ubaru, Chen and Saad, 2017, "Fast Estimation of tr(f(A)) via
     Stochastic Lanczos Quadrature", SIAM J. Matrix Anal. Appl. 38.
   """
+  if vector_layout.resolve(layout, params) == 'flat':
+    flat_matvec, template, _ = vector_layout.raveled(matvec, params)
+    options = dict(key=key, num_probes=num_probes, num_steps=num_steps)
+    return spectral_density(flat_matvec, template, **options, layout='tree')
   numerics.check_integer('num_probes', num_probes)
   numerics.check_integer('num_steps', num_steps)
 

@@ -6,7 +6,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from optax_sam._src.diagnostics import chunking
+from optax_sam._src.diagnostics import chunking, vector_layout
 
 LossFn = Callable[[Any, Any], jax.Array]
 
@@ -68,9 +68,8 @@ def random_like(key: jax.Array, tree: Any, kind: str = 'rademacher') -> Any:
   Returns:
     A tree like ``tree`` of random entries.
   """
-  leaves, treedef = jax.tree.flatten(tree)
-  sizes = [int(jnp.size(leaf)) for leaf in leaves]
-  n = sum(sizes)
+  leaves = jax.tree.leaves(tree)
+  n = num_params(tree)
   dtype = jnp.promote_types(jnp.float32, jnp.result_type(*leaves)) if leaves else jnp.float32
   if kind == 'rademacher':
     flat = jax.random.rademacher(key, (n,), dtype)
@@ -80,12 +79,7 @@ def random_like(key: jax.Array, tree: Any, kind: str = 'rademacher') -> Any:
     flat = jax.random.uniform(key, (n,), dtype, -1.0, 1.0)
   else:
     raise ValueError(f"kind must be 'rademacher', 'normal' or 'uniform', got {kind!r}.")
-  out, offset = [], 0
-  for leaf, size in zip(leaves, sizes, strict=True):
-    part = jax.lax.slice_in_dim(flat, offset, offset + size)
-    out.append(part.reshape(jnp.shape(leaf)).astype(jnp.result_type(leaf)))
-    offset += size
-  return jax.tree.unflatten(treedef, out)
+  return vector_layout.unraveler(tree)(flat)
 
 
 def num_params(tree: Any) -> int:

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_sam._src import numerics
-from optax_sam._src.diagnostics import chunking, compiled, exchangeable, tree_basis
+from optax_sam._src.diagnostics import chunking, compiled, exchangeable, tree_basis, vector_layout
 from optax_sam._src.diagnostics import hvp as hvp_lib
 from optax_sam._src.diagnostics import lanczos as lanczos_lib
 
@@ -55,6 +55,7 @@ def trace(
   key: jax.Array,
   num_probes: int = DEFAULT_TRACE_PROBES,
   method: str = 'hutchinson',
+  layout: str = 'auto',
 ) -> HessianTrace:
   r"""The trace of a symmetric operator :math:`M`, by Hutchinson, Hutch++, XTrace or XNysTrace.
 
@@ -140,6 +141,8 @@ def trace(
       XNysTrace, ``>= 4`` for Hutch++ and XTrace, so that the error can be
       estimated).
     method: ``'hutchinson'``, ``'hutch++'``, ``'xtrace'`` or ``'xnystrace'``.
+    layout: ``'auto'``, ``'tree'`` or ``'flat'`` (static): how the probes and
+      sketches are held, see :func:`eigenvalues`.
 
   Returns:
     A :class:`HessianTrace` (the trace of ``matvec``'s operator).
@@ -161,6 +164,11 @@ def trace(
     Epperly, Tropp and Webber, 2024, `XTrace: Making the most of every sample
     in stochastic trace estimation <https://arxiv.org/abs/2301.07825>`_.
   """
+  if vector_layout.resolve(layout, params) == 'flat':
+    flat_matvec, template, _ = vector_layout.raveled(matvec, params)
+    return trace(
+      flat_matvec, template, key=key, num_probes=num_probes, method=method, layout='tree'
+    )
   if method not in METHODS:
     raise ValueError(f'method must be one of {METHODS}, got {method!r}.')
   numerics.check_integer(f'num_probes (for {method})', num_probes, _MIN_PROBES[method])
@@ -208,7 +216,7 @@ def trace(
   return HessianTrace(estimate=exact_part + mean, stderr=stderr)
 
 
-@compiled.compiled('num_probes', 'method', 'num_chunks')
+@compiled.compiled('num_probes', 'method', 'num_chunks', 'layout')
 def hessian_trace(
   loss_fn: hvp_lib.LossFn,
   params: Any,
@@ -218,6 +226,7 @@ def hessian_trace(
   num_probes: int = DEFAULT_TRACE_PROBES,
   method: str = 'hutchinson',
   num_chunks: int = 1,
+  layout: str = 'auto',
 ) -> HessianTrace:
   r"""The trace of the loss Hessian :math:`H = \nabla^2_w L(w, B)`, with a standard error.
 
@@ -235,6 +244,8 @@ def hessian_trace(
     num_probes: number of Hessian-vector products (static), see :func:`trace`.
     method: ``'hutchinson'``, ``'hutch++'``, ``'xtrace'`` or ``'xnystrace'``.
     num_chunks: chunks per product (static), see
+      :func:`optax_sam.sharpness.hessian_eigenvalues`.
+    layout: ``'auto'``, ``'tree'`` or ``'flat'`` (static), see
       :func:`optax_sam.sharpness.hessian_eigenvalues`.
 
   Returns:
@@ -257,4 +268,4 @@ def hessian_trace(
   """
   chunking.check_num_chunks(num_chunks)
   hvp = hvp_lib.hvp_fn(loss_fn, params, batch, num_chunks)
-  return trace(hvp, params, key=key, num_probes=num_probes, method=method)
+  return trace(hvp, params, key=key, num_probes=num_probes, method=method, layout=layout)
