@@ -8,7 +8,10 @@ what matfree is given for the same work (the same products; each peer call under
 as a user would write it):
 
 - ``eigenvalues``: the top eigenvalue, ``hessian_eigenvalues`` (22 Lanczos steps) against
-  ``decomp.tridiag_sym(22)`` and the tridiagonal's ``eigh``;
+  ``decomp.tridiag_sym(22)`` and the tridiagonal's ``eigvalsh``;
+- ``eigenpair``: the same ``hessian_eigenvalues`` call, which also returns the top eigenvector
+  (as a pytree like the parameters), against matfree computing it too: the tridiagonal's
+  ``eigh``, the Lanczos basis times its top eigenvector, unraveled;
 - ``trace``: Hutchinson with 60 products, ``hessian_trace`` against
   ``stochtrace.estimator_monte_carlo_mean_and_sem``;
 - ``density``: SLQ with 4 probes of 32 steps, ``hessian_spectral_density`` against
@@ -24,7 +27,7 @@ import subprocess
 import sys
 import time
 
-QUANTITIES = ('eigenvalues', 'trace', 'density')
+QUANTITIES = ('eigenvalues', 'eigenpair', 'trace', 'density')
 LIBRARIES = ('optax_sam', 'optax_sam flat', 'matfree')
 
 
@@ -59,6 +62,7 @@ def optax_sam_call(quantity, loss_fn):
 
   return {
     'eigenvalues': lambda p, b, key: sharpness.hessian_eigenvalues(loss_fn, p, b, key=key),
+    'eigenpair': lambda p, b, key: sharpness.hessian_eigenvalues(loss_fn, p, b, key=key),
     'trace': lambda p, b, key: sharpness.hessian_trace(loss_fn, p, b, key=key),
     'density': lambda p, b, key: sharpness.hessian_spectral_density(loss_fn, p, b, key=key),
   }[quantity]
@@ -74,15 +78,23 @@ def matfree_call(quantity, loss_fn):
     grad = lambda q: jax.grad(loss_fn)(q, b)  # noqa: E731
     return lambda v: jax.jvp(grad, (p,), (v,))[1]
 
-  def eigenvalues(p, b, key):
+  def lanczos(p, b, key):
     flat, unravel = ravel_pytree(p)
     matvec = lambda v: ravel_pytree(hvp(p, b)(unravel(v)))[0]  # noqa: E731
     v0 = jax.random.normal(key, flat.shape)
-    _, (diagonal, off_diagonal), *_ = decomp.tridiag_sym(22, materialize=False)(
+    basis, (diagonal, off_diagonal), *_ = decomp.tridiag_sym(22, materialize=False)(
       matvec, v0 / jnp.linalg.norm(v0)
     )
     tridiagonal = jnp.diag(diagonal) + jnp.diag(off_diagonal, 1) + jnp.diag(off_diagonal, -1)
-    return jnp.linalg.eigvalsh(tridiagonal)[-1]
+    return basis, tridiagonal, unravel
+
+  def eigenvalues(p, b, key):
+    return jnp.linalg.eigvalsh(lanczos(p, b, key)[1])[-1]
+
+  def eigenpair(p, b, key):
+    basis, tridiagonal, unravel = lanczos(p, b, key)
+    values, vectors = jnp.linalg.eigh(tridiagonal)
+    return values[-1], unravel(vectors[:, -1] @ basis)
 
   def trace(p, b, key):
     sampler = stochtrace.sampler_signs(p, num=60)
@@ -98,7 +110,8 @@ def matfree_call(quantity, loss_fn):
     sampler = stochtrace.sampler_signs(p, num=4)
     return stochtrace.estimator_monte_carlo(integrand, sampler)(hvp(p, b), key)
 
-  return jax.jit({'eigenvalues': eigenvalues, 'trace': trace, 'density': density}[quantity])
+  calls = {'eigenvalues': eigenvalues, 'eigenpair': eigenpair, 'trace': trace, 'density': density}
+  return jax.jit(calls[quantity])
 
 
 def one(library, quantity, later_calls, hidden_layers=2):

@@ -16,7 +16,6 @@ from optax_sam._src.diagnostics import (
   chunking,
   compiled,
   trace_estimators,
-  tree_basis,
   vector_layout,
 )
 from optax_sam._src.diagnostics import hvp as hvp_lib
@@ -235,22 +234,23 @@ def eigenvalues(
   v0 = hvp_lib.random_like(start_key, params, 'normal')
   run = lanczos_lib.lanczos(matvec, v0, num_steps, restart_key, unroll=unroll)
   values, vectors, ok = lanczos_lib.tridiagonal_eigh(run.alphas, run.betas, run.valid)
-  score = values if which == 'largest' else jnp.abs(values)
-  order = jnp.argsort(jnp.where(ok, -score, jnp.inf))
-  values, vectors, ok, score = values[order], vectors[:, order], ok[order], score[order]
+  if which == 'largest':  # eigh's ascending order reversed; invalid pairs are eigh's lowest
+    values, vectors, ok = values[::-1], vectors[:, ::-1], ok[::-1]
+    score = values
+  else:
+    score = jnp.abs(values)
+    order = jnp.argsort(jnp.where(ok, -score, jnp.inf))
+    values, vectors, ok, score = values[order], vectors[:, order], ok[order], score[order]
+  # The basis rows are orthonormal where valid and zero elsewhere, so the Ritz vector V^T s has
+  # the norm of s on the valid rows: it is normalized through its k x m coefficients.
   top = vectors[:, :k]
+  lengths = jnp.sqrt(jnp.sum(jnp.where(run.valid[:, None], top**2, 0), axis=0))
+  top = top / jnp.where(lengths > 0, lengths, 1)
   eigvecs = jax.tree.map(
     lambda b: jnp.tensordot(top.T.astype(jnp.promote_types(top.dtype, b.dtype)), b, axes=1).astype(
       b.dtype
     ),
     run.basis,
-  )
-  norms = jax.vmap(tree_basis.norm)(eigvecs)
-  eigvecs = jax.tree.map(
-    lambda y: (
-      y / jnp.where(norms > 0, norms, 1).reshape((-1,) + (1,) * (y.ndim - 1)).astype(y.dtype)
-    ),
-    eigvecs,
   )
   # Residuals from the recurrence: |beta_m s_{m,i}|, for every Ritz value (the convergence flag
   # looks at those ranked below the k returned ones too).
