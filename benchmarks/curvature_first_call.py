@@ -17,7 +17,12 @@ as a user would write it):
 - ``density``: SLQ with 4 probes of 32 steps, ``hessian_spectral_density`` against
   ``funm.monte_carlo_funm_sym`` (vmapped Lanczos and ``eigh``).
 
-    python -m benchmarks.curvature_first_call --repeats 3
+``optax_sam`` runs the default call (``layout='auto'``, which ravels the Krylov vectors of these
+unsharded parameters); ``optax_sam tree`` the same call with ``layout='tree'``, the leaf-by-leaf
+layout kept for sharded parameters and inside a caller's ``jit``. ``--hidden-layers`` sets the
+depth, and with it the number of parameter leaves (2 per layer).
+
+    python -m benchmarks.curvature_first_call --repeats 3 [--hidden-layers 24]
 """
 
 import argparse
@@ -28,7 +33,7 @@ import sys
 import time
 
 QUANTITIES = ('eigenvalues', 'eigenpair', 'trace', 'density')
-LIBRARIES = ('optax_sam', 'optax_sam flat', 'matfree')
+LIBRARIES = ('optax_sam', 'optax_sam tree', 'matfree')
 
 
 def problem(hidden_layers=2):
@@ -57,15 +62,18 @@ def problem(hidden_layers=2):
   return loss_fn, params, batch
 
 
-def optax_sam_call(quantity, loss_fn):
+def optax_sam_call(quantity, loss_fn, layout):
+  import functools
+
   from optax_sam import sharpness
 
-  return {
-    'eigenvalues': lambda p, b, key: sharpness.hessian_eigenvalues(loss_fn, p, b, key=key),
-    'eigenpair': lambda p, b, key: sharpness.hessian_eigenvalues(loss_fn, p, b, key=key),
-    'trace': lambda p, b, key: sharpness.hessian_trace(loss_fn, p, b, key=key),
-    'density': lambda p, b, key: sharpness.hessian_spectral_density(loss_fn, p, b, key=key),
+  estimator = {
+    'eigenvalues': sharpness.hessian_eigenvalues,
+    'eigenpair': sharpness.hessian_eigenvalues,
+    'trace': sharpness.hessian_trace,
+    'density': sharpness.hessian_spectral_density,
   }[quantity]
+  return functools.partial(estimator, loss_fn, layout=layout)
 
 
 def matfree_call(quantity, loss_fn):
@@ -117,24 +125,20 @@ def matfree_call(quantity, loss_fn):
 def one(library, quantity, later_calls, hidden_layers=2):
   """Times one (library, quantity) in this process; returns first and median later seconds."""
   import jax
-  from jax.flatten_util import ravel_pytree
 
   loss_fn, params, batch = problem(hidden_layers)
-  if library == 'optax_sam flat':  # the recipe of docs/sharpness.md: one vector, raveled once
-    params, unravel = ravel_pytree(params)
-    loss_fn = (lambda f: lambda v, b: f(unravel(v), b))(loss_fn)
   if library == 'matfree':
     call = matfree_call(quantity, loss_fn)
-  else:
-    call = optax_sam_call(quantity, loss_fn)
+  else:  # the default layout ('auto': raveled here, on one device), or leaf by leaf
+    call = optax_sam_call(quantity, loss_fn, 'tree' if library == 'optax_sam tree' else 'auto')
   key = jax.random.key(1)
   start = time.perf_counter()
-  jax.block_until_ready(call(params, batch, key))
+  jax.block_until_ready(call(params, batch, key=key))
   first = time.perf_counter() - start
   later = []
   for i in range(later_calls):
     start = time.perf_counter()
-    jax.block_until_ready(call(params, batch, jax.random.key(2 + i)))
+    jax.block_until_ready(call(params, batch, key=jax.random.key(2 + i)))
     later.append(time.perf_counter() - start)
   return {'first_s': first, 'later_s': statistics.median(later)}
 

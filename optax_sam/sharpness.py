@@ -5,8 +5,9 @@ The ``hessian_*`` functions and the sharpness measures take
 RNGs and model state closed over by the caller; :func:`optax_sam.flax.nnx_loss_fn`
 builds one from an ``nnx.Module``), is pure and jittable with its budgets
 (``k``, ``num_steps``, ``num_probes``, ``num_samples``, ``num_chunks``) static,
-draws its randomness from an explicit ``key``, works on the parameter pytree
-without flattening it, and returns a ``NamedTuple`` with the error of the
+draws its randomness from an explicit ``key``, never flattens or copies the
+parameters (the Krylov vectors and probes are raveled only where no parameter
+is sharded: ``layout``), and returns a ``NamedTuple`` with the error of the
 estimate. The general estimators (``eigenvalues``, ``trace``, ``diagonal``,
 ``spectral_density``, ``eigenvalues_per_leaf``) take instead any curvature
 operator ``matvec(v) -> Mv``: ``hessian_operator``, ``ggn_operator``,

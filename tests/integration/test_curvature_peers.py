@@ -46,8 +46,9 @@ def test_a_tiny_side_by_side_run_reports_every_estimator_of_ours():
 def test_first_call_timing_runs_in_fresh_processes():
   out = run(
     'benchmarks.curvature_first_call', '--repeats', '1', '--later-calls', '1',
-    '--quantities', 'trace', '--libraries', 'optax_sam',
+    '--quantities', 'trace', '--libraries', 'optax_sam', 'optax_sam tree',
   )  # fmt: skip
-  row = next(line for line in out.splitlines() if line.startswith('| trace | optax_sam |'))
-  first, later = (float(x.split('-')[0]) for x in row.split('|')[3:5])
-  assert first > 0 and later > 0
+  for library in ('optax_sam', 'optax_sam tree'):
+    row = next(line for line in out.splitlines() if line.startswith(f'| trace | {library} |'))
+    first, later = (float(x.split('-')[0]) for x in row.split('|')[3:5])
+    assert first > 0 and later > 0

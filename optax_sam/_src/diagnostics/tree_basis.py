@@ -2,9 +2,10 @@
 
 A *basis* of ``m`` vectors like ``params`` is the pytree of ``params`` with
 each leaf stacked to shape ``[m, *leaf.shape]``. Coefficients and inner
-products are computed leaf by leaf and summed over leaves, so parameters are
-never flattened into one vector (a parameter sharded over a model axis stays
-sharded), in float32 or wider (:func:`numerics.accumulation_dtype`).
+products are computed leaf by leaf and summed over leaves, so a vector sharded
+over a model axis stays sharded, in float32 or wider
+(:func:`numerics.accumulation_dtype`). A raveled vector (``vector_layout``) is
+the one-leaf case.
 """
 
 from typing import Any

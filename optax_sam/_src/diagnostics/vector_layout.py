@@ -5,11 +5,11 @@ Lanczos, stochastic Lanczos quadrature and the trace estimators keep vectors lik
 products, Gram-Schmidt, scaling. Held as the parameter pytree (``'tree'``), each
 such operation is one XLA kernel per leaf, and compiling them grows with the
 number of leaves: on CPU the default ``hessian_eigenvalues`` first-called in
-1.8 s on a 6-leaf MLP and 5 s on a 50-leaf one. Raveled into one vector
-(``'flat'``), the arithmetic is one kernel whatever the leaves (1.1 s and 1.9
-s). The product ``matvec`` still receives and returns vectors like ``params``
-(cut out of the raveled vector before, raveled after), so the parameters
-themselves are neither copied nor flattened.
+1.6 s on a 6-leaf MLP and 5 s on a 50-leaf one. Raveled into one vector
+(``'flat'``), the arithmetic is one kernel whatever the leaves (1.1 s and 2 s;
+``benchmarks/curvature_first_call.py``). The product ``matvec`` still receives
+and returns vectors like ``params`` (cut out of the raveled vector before,
+raveled after), so the parameters themselves are neither copied nor flattened.
 
 A raveled vector joins leaves that may be sharded differently, and would gather
 a parameter sharded over a model axis on every device. ``'auto'`` therefore
