@@ -156,21 +156,11 @@ def ascent(
     Andriushchenko and Flammarion, 2022: https://arxiv.org/abs/2206.06232 (USAM);
     Mueller et al., 2023: https://arxiv.org/abs/2306.15009 (SAM-ON)
   """
-  numerics.check_range('rho', rho)
-  numerics.check_range('eta', eta)
-  numerics.check_range('eps', eps)
   numerics.check_flag('normalize', normalize)
-  numerics.check_flag('adaptive', adaptive)
-  lmbda = 1.0 if normalize else 0.0
-  return _ascent(
-    rho,
-    lmbda=lmbda,
-    adaptive=adaptive,
-    eta=eta,
-    adaptive_mask=adaptive_mask,
-    perturb_mask=perturb_mask,
-    eps=eps,
+  geometry = dict(
+    adaptive=adaptive, eta=eta, adaptive_mask=adaptive_mask, perturb_mask=perturb_mask
   )
+  return unified_ascent(rho, 1.0 if normalize else 0.0, **geometry, eps=eps)
 
 
 def unified_ascent(
