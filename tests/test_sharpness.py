@@ -702,7 +702,7 @@ def test_auto_ravels_only_parameters_it_can_see_whole():
   split = {'w': jax.device_put(params['w'], NamedSharding(mesh, P('model'))), 'b': params['b']}
   assert vector_layout.resolve('auto', split) == 'tree'
   assert vector_layout.resolve('auto', {**params, 'b': params['b'].astype(jnp.float32)}) == 'tree'
-  assert vector_layout.resolve('auto', {}) == 'tree'
+  assert vector_layout.resolve('auto', {}) == vector_layout.resolve('flat', {}) == 'tree'
   assert vector_layout.resolve('tree', params) == 'tree'
   assert vector_layout.resolve('flat', split) == 'flat'  # asked for: as asked
   seen = []

@@ -41,13 +41,15 @@ def resolve(layout: str, params: Any) -> str:
     ``'flat'`` for ``'auto'`` when every leaf of ``params`` is a concrete array,
     on one device or replicated, and all leaves share one dtype; ``'tree'`` for
     ``'auto'`` otherwise (a traced leaf, a leaf split across devices, mixed
-    dtypes, no leaves).
+    dtypes); ``'tree'`` for ``params`` without leaves, whatever ``layout``.
   """
   if layout not in LAYOUTS:
     raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}.')
+  leaves = jax.tree.leaves(params)
+  if not leaves:
+    return 'tree'  # nothing to ravel; the estimator reports the empty parameters
   if layout != 'auto':
     return layout
-  leaves = jax.tree.leaves(params)
   one_dtype = len({jnp.result_type(leaf) for leaf in leaves}) == 1
   return 'flat' if one_dtype and all(map(_whole, leaves)) else 'tree'
 
