@@ -16,6 +16,7 @@ from optax_sam._src.diagnostics import (
   chunking,
   compiled,
   trace_estimators,
+  tree_basis,
   vector_layout,
 )
 from optax_sam._src.diagnostics import hvp as hvp_lib
@@ -246,12 +247,7 @@ def eigenvalues(
   top = vectors[:, :k]
   lengths = jnp.sqrt(jnp.sum(jnp.where(run.valid[:, None], top**2, 0), axis=0))
   top = top / jnp.where(lengths > 0, lengths, 1)
-  eigvecs = jax.tree.map(
-    lambda b: jnp.tensordot(top.T.astype(jnp.promote_types(top.dtype, b.dtype)), b, axes=1).astype(
-      b.dtype
-    ),
-    run.basis,
-  )
+  eigvecs = tree_basis.combine(run.basis, top.T)
   # Residuals from the recurrence: |beta_m s_{m,i}|, for every Ritz value (the convergence flag
   # looks at those ranked below the k returned ones too).
   all_residuals = jnp.abs(run.last_beta * vectors[num_steps - 1, :])

@@ -52,7 +52,10 @@ def coefficients(basis: Any, vector: Any) -> jax.Array:
 
 
 def combine(basis: Any, coeffs: jax.Array) -> Any:
-  """``sum_i coeffs[i] * b_i``, a vector like one of the basis's."""
+  """``sum_i coeffs[i] * b_i``, a vector like one of the basis's.
+
+  ``coeffs`` ``[m]``, or ``[k, m]`` for ``k`` combinations (leaves ``[k, *leaf.shape]``).
+  """
   return jax.tree.map(
     lambda b: jnp.tensordot(
       coeffs.astype(jnp.promote_types(coeffs.dtype, b.dtype)), b, axes=1
