@@ -29,11 +29,11 @@ def _hutchinson(matvec, params, key, num_probes):
   """Running mean and sum of squared deviations of ``z * Mz`` (Welford), one probe at a time."""
   dtype = numerics.accumulation_dtype(params)
   zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), dtype), params)
-  keys = jax.random.split(key, num_probes)
+  probe = hvp_lib.rademacher_probes(key, params, num_probes)
 
   def body(i, carry):
     mean, m2 = carry
-    z = hvp_lib.random_like(keys[i], params, 'rademacher')
+    z = probe(i)
     sample = jax.tree.map(lambda a, b: (a * b).astype(dtype), z, matvec(z))
     delta = jax.tree.map(jnp.subtract, sample, mean)
     mean = jax.tree.map(lambda m, d: m + d / (i + 1), mean, delta)
@@ -65,7 +65,8 @@ def diagonal(
   unbiased, exact on a diagonal :math:`M` (each entry's variance is
   :math:`\sum_{k \ne j} M_{jk}^2`); ``stderr`` is each entry's sample standard
   deviation over :math:`\sqrt N`. The probes run one after another, with a
-  running mean (Welford), so memory is two vectors whatever :math:`N`.
+  running mean (Welford), so memory is two vectors and the probes' signs, drawn
+  up front as bits (a 32-bit word per entry for every 32 probes).
 
   *XDiag* (Epperly et al.): the diagonal analogue of XTrace, with
   :math:`m = \lfloor N / 2 \rfloor` probes; each leave-one-out estimate is

@@ -20,8 +20,12 @@ precision and no spurious copies of converged eigenvalues appear.
 leading block of :math:`T` are exact eigenvalues of :math:`H`. The process
 then restarts from a random vector orthogonal to the basis and sets
 :math:`\beta_j = 0`, so :math:`T` is block diagonal and every block holds
-exact Ritz values of :math:`H`. When no orthogonal direction is left (a model
-with fewer parameters than steps), the remaining steps are marked invalid:
+exact Ritz values of :math:`H`. The restart vectors come from a counter-based
+hash of the key, the step and each entry's index (:func:`hashed_uniform_like`),
+not from ``jax.random``: each ``jax.random`` draw compiles to a loop of its own,
+and the two inside the Lanczos loop (a ``fold_in`` and the draw) cost 0.05-0.1 s
+of a 1 s first call (docs/sharpness.md). When no orthogonal direction is left
+(a model with fewer parameters than steps), the remaining steps are marked invalid:
 their vectors are zero and :func:`tridiagonal_eigh` moves their rows out of
 the spectrum instead of reporting zeros.
 
@@ -39,7 +43,6 @@ import jax
 import jax.numpy as jnp
 
 from optax_sam._src import numerics
-from optax_sam._src.diagnostics import hvp as hvp_lib
 from optax_sam._src.diagnostics import tree_basis
 
 
@@ -49,11 +52,14 @@ class LanczosResult(NamedTuple):
   Attributes:
     alphas: ``[m]`` diagonal of :math:`T` (0 on invalid steps).
     betas: ``[m - 1]`` off-diagonal of :math:`T` (0 at breakdowns).
-    basis: the vectors :math:`v_j`, leaves ``[m, *leaf.shape]`` (zero on
-      invalid steps).
+    basis: the vectors :math:`v_0, \\dots, v_m`, leaves ``[m + 1, *leaf.shape]``
+      (zero on invalid steps). The last, :math:`v_m`, is the next vector, outside
+      :math:`T` (the direction of every Ritz residual, or a restart vector when
+      ``last_beta`` is 0), kept rather than sliced off (a slice is one more
+      kernel to compile).
     valid: ``[m]`` bool, whether :math:`v_j` is a basis vector.
     last_beta: :math:`\beta_{m-1} = \\|w\\|` after the last step, which couples
-      :math:`T` to the next (not built) vector: the residual of a Ritz pair
+      :math:`T` to :math:`v_m`: the residual of a Ritz pair
       :math:`(\theta_i, V s_i)` is :math:`|\beta_{m-1} s_{m-1, i}|` (0 when the
       Krylov space is exhausted).
   """
@@ -74,14 +80,15 @@ def lanczos(
   matvec: Callable[[Any], Any],
   v0: Any,
   num_steps: int,
-  key: jax.Array,
+  seed: jax.Array,
   rtol: float | None = None,
   unroll: bool = False,
 ) -> LanczosResult:
   """Runs ``num_steps`` Lanczos steps of ``matvec`` from ``v0`` (normalized here).
 
   Costs ``num_steps`` products and stores ``num_steps + 1`` vectors like
-  ``v0``. ``key`` draws the restart vectors after a breakdown. ``unroll``
+  ``v0``. ``seed`` (:func:`seed_of` a key, which may also have drawn ``v0``)
+  seeds the restart vectors after a breakdown (:func:`hashed_uniform_like`). ``unroll``
   unrolls the loop (see :func:`optax_sam.sharpness.hessian_eigenvalues`).
   """
   dtype = numerics.accumulation_dtype(v0)
@@ -102,7 +109,6 @@ def lanczos(
     basis, alphas, betas, valid, hnorm = carry
     v = tree_basis.get(basis, j)
     hv = matvec(v)
-    hnorm = jnp.maximum(hnorm, tree_basis.norm(hv))
     alpha = numerics.vdot(v, hv)
 
     # Round 0 orthogonalizes H v_j (removing alpha v_j, beta v_{j-1} and roundoff). After a
@@ -110,26 +116,20 @@ def lanczos(
     # projection in the compiled loop (a branch holding a second one cost about a sixth of the
     # first call's time, docs/sharpness.md), and a step without breakdown runs round 0 alone.
     def round_(state):
-      x, count, _, _ = state
-      x = jax.lax.cond(
-        count == 0,
-        lambda: x,
-        lambda: jax.tree.map(
-          lambda r, h: r.astype(h.dtype),
-          hvp_lib.random_like(jax.random.fold_in(key, j), v, 'rademacher'),
-          x,
-        ),
-      )
+      x, count, _, _, hnorm = state
+      x = jax.lax.cond(count == 0, lambda: x, lambda: hashed_uniform_like(seed, j, x))
       before = tree_basis.norm(x)
+      hnorm = jnp.where(count == 0, jnp.maximum(hnorm, before), hnorm)  # ||H v_j|| joins in
       x = tree_basis.project_out(basis, x)
-      return x, count + 1, before, tree_basis.norm(x)
+      return x, count + 1, before, tree_basis.norm(x), hnorm
 
     def again(state):
-      _, count, _, after = state
+      _, count, _, after, hnorm = state
       return (count == 0) | ((count == 1) & (after <= rtol * hnorm))
 
     zero = jnp.zeros([], dtype)
-    x, count, before, after = jax.lax.while_loop(again, round_, (hv, jnp.int32(0), zero, zero))
+    state = (hv, jnp.int32(0), zero, zero, hnorm)
+    x, count, before, after, hnorm = jax.lax.while_loop(again, round_, state)
     broke = count == 2
     fresh = valid[j] & (after > jnp.sqrt(rtol) * before)
     # after > 0 but for a restart with nothing fresh left, whose vector is zero (an invalid step).
@@ -148,10 +148,54 @@ def lanczos(
     )
 
   basis, alphas, betas, valid, _ = jax.lax.fori_loop(0, m, step, init, unroll=unroll or None)
-  basis = jax.tree.map(lambda b: b[:m], basis)
   return LanczosResult(
     alphas=alphas, betas=betas[: m - 1], basis=basis, valid=valid[:m], last_beta=betas[m - 1]
   )
+
+
+def _mix(x: jax.Array) -> jax.Array:
+  """A bijective avalanche hash of ``uint32`` entries (C. Wellons' "lowbias32")."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def seed_of(key: jax.Array, counter: Any = 0) -> jax.Array:
+  """A ``uint32`` seed hashed from the bits of ``key`` (typed or raw) and an integer ``counter``."""
+  data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+  seed = _mix(jnp.asarray(counter).astype(jnp.uint32) ^ jnp.uint32(0x9E3779B9))
+  for word in jnp.ravel(data).astype(jnp.uint32):
+    seed = _mix(seed ^ word)
+  return seed
+
+
+def hashed_uniform_like(seed: jax.Array, counter: jax.Array, tree: Any) -> Any:
+  """Entries uniform in ``[-1, 1)`` like ``tree``, hashed from ``seed``, ``counter`` and the index.
+
+  Entry ``i`` of leaf ``l`` is ``_mix(_mix(i) ^ s)`` with ``s`` hashed from ``(seed, counter,
+  l)``, its top 24 bits scaled to ``[-1, 1)`` (then rounded to the leaf's dtype). Elementwise
+  on an iota, so it compiles to one fused kernel per leaf, needs no stored random vector, and
+  keeps a sharded leaf sharded. Different counters give (pseudo-)independent vectors: good
+  enough to restart Lanczos (a vector in general position); the estimators' probes use
+  ``jax.random``.
+  """
+  base = _mix(seed ^ _mix(jnp.asarray(counter).astype(jnp.uint32) + jnp.uint32(0x632BE5AB)))
+
+  def one(index, leaf):
+    shape = jnp.shape(leaf)
+    flat = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+      flat = flat + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+      stride *= shape[axis]
+    bits = _mix(_mix(flat) ^ _mix(base + jnp.uint32(index)))
+    uniform = (bits >> 8).astype(jnp.float32) * 2.0**-23 - 1  # exact in float32
+    return uniform.astype(jnp.result_type(leaf))
+
+  leaves, treedef = jax.tree.flatten(tree)
+  return jax.tree.unflatten(treedef, [one(i, leaf) for i, leaf in enumerate(leaves)])
 
 
 def tridiagonal_eigh(
@@ -159,9 +203,11 @@ def tridiagonal_eigh(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Eigenvalues (ascending) and eigenvectors of the valid part of a Lanczos tridiagonal.
 
-  Rows of invalid steps get a diagonal entry below the Gershgorin interval of
-  the valid rows, so their eigenpairs are the lowest, supported on invalid
-  rows only, and never mix with the valid ones.
+  Every invalid row is its own 1 x 1 block (its couplings are 0). It gets the
+  diagonal entry ``-2 b - 1``, with ``b = max |alpha| + 2 max |beta|`` over the
+  valid part, a bound on its spectral radius (Gershgorin): so the invalid
+  eigenvalues are the lowest, at least ``b + 1`` below every valid one, and
+  their eigenvectors never mix with the valid ones.
 
   Returns:
     ``(values, vectors, ok)``: ``values`` ``[m]`` ascending (0 where not
@@ -169,17 +215,13 @@ def tridiagonal_eigh(
     ``[m]`` whether the pair belongs to the valid part.
   """
   m = alphas.shape[0]
-  upper = jnp.concatenate([betas, jnp.zeros([1], betas.dtype)])
-  lower = jnp.concatenate([jnp.zeros([1], betas.dtype), betas])
-  radius = jnp.abs(upper) + jnp.abs(lower)
-  big = jnp.finfo(alphas.dtype).max
-  low = jnp.min(jnp.where(valid, alphas - radius, big))
-  high = jnp.max(jnp.where(valid, alphas + radius, -big))
-  low, high = jnp.where(jnp.any(valid), low, 0), jnp.where(jnp.any(valid), high, 0)
-  sentinel = low - (high - low) - 1
-  diag = jnp.where(valid, alphas, sentinel)
-  t = jnp.diag(diag) + jnp.diag(betas, 1) + jnp.diag(betas, -1)
+  couplings = jnp.concatenate([betas, jnp.zeros([1], betas.dtype)])  # row i to row i + 1
+  bound = jnp.max(jnp.where(valid, jnp.abs(alphas), 0)) + 2 * jnp.max(jnp.abs(couplings))
+  diagonal = jnp.where(valid, alphas, -2 * bound - 1)
+  row = jax.lax.broadcasted_iota(jnp.int32, (m, m), 0)
+  col = jax.lax.broadcasted_iota(jnp.int32, (m, m), 1)
+  t = jnp.where(row == col, diagonal[:, None], 0)
+  t = t + jnp.where(col == row + 1, couplings[:, None], 0) + jnp.where(row == col + 1, couplings, 0)
   values, vectors = jnp.linalg.eigh(t)
-  ok = jnp.sum(jnp.where(valid[:, None], vectors**2, 0), axis=0) > 0.5
-  del m
+  ok = values > -1.5 * bound - 0.5  # halfway between the valid part's bound and the invalid rows
   return jnp.where(ok, values, 0), vectors, ok

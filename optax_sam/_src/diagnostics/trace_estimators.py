@@ -74,6 +74,8 @@ def trace(
   :math:`s` the sample standard deviation of the :math:`z_i^\top M z_i`. It is
   unbiased, exact when :math:`M` is diagonal (every sample is the trace, so
   ``stderr`` is 0), and its variance is :math:`2 \sum_{i \ne j} M_{ij}^2 / N`.
+  The probes' signs are drawn up front as bits (a 32-bit word per parameter for
+  every 32 probes) and the products run one after another.
 
   *Hutch++* (Meyer et al.) spends the :math:`N` products in three parts:
   :math:`s = \lfloor N / 3 \rfloor` products :math:`Y = M S` of a sketch, an
@@ -183,10 +185,8 @@ def trace(
     return numerics.vdot(z, matvec(z)).astype(dtype)
 
   if method == 'hutchinson':
-    keys = jax.random.split(key, num_probes)
-    samples = jax.lax.map(
-      lambda k: quadratic_form(hvp_lib.random_like(k, params, 'rademacher')), keys
-    )
+    probe = hvp_lib.rademacher_probes(key, params, num_probes)
+    samples = jax.lax.map(lambda i: quadratic_form(probe(i)), jnp.arange(num_probes))
     estimate, stderr = _mean_and_stderr(samples)
     return HessianTrace(estimate=estimate, stderr=stderr)
   if method == 'xtrace':
@@ -200,18 +200,15 @@ def trace(
     )
 
   s = num_probes // 3
-  sketch_key, probe_key = jax.random.split(key)
-  sketch = jax.lax.map(
-    lambda k: matvec(hvp_lib.random_like(k, params, 'rademacher')), jax.random.split(sketch_key, s)
-  )
+  probe = hvp_lib.rademacher_probes(key, params, num_probes - s)  # s sketch, the rest deflated
+  sketch = jax.lax.map(lambda i: matvec(probe(i)), jnp.arange(s))
   q, _ = tree_basis.orthonormalize(sketch, lanczos_lib.default_rtol(dtype))
   exact_part = jnp.sum(jax.lax.map(quadratic_form, q))
 
-  def deflated(k):
-    g = tree_basis.project_out(q, hvp_lib.random_like(k, params, 'rademacher'))
-    return quadratic_form(g)
+  def deflated(i):
+    return quadratic_form(tree_basis.project_out(q, probe(i)))
 
-  samples = jax.lax.map(deflated, jax.random.split(probe_key, num_probes - 2 * s))
+  samples = jax.lax.map(deflated, jnp.arange(s, num_probes - s))
   mean, stderr = _mean_and_stderr(samples)
   return HessianTrace(estimate=exact_part + mean, stderr=stderr)
 
