@@ -20,9 +20,10 @@ as a user would write it):
 ``optax_sam`` runs the default call (``layout='auto'``, which ravels the Krylov vectors of these
 unsharded parameters); ``optax_sam tree`` the same call with ``layout='tree'``, the leaf-by-leaf
 layout kept for sharded parameters and inside a caller's ``jit``. ``--hidden-layers`` sets the
-depth, and with it the number of parameter leaves (2 per layer).
+depth, and with it the number of parameter leaves (2 per layer); ``--width`` the hidden width
+(300: 105,610 parameters in 6 leaves).
 
-    python -m benchmarks.curvature_first_call --repeats 3 [--hidden-layers 24]
+    python -m benchmarks.curvature_first_call --repeats 3 [--hidden-layers 24] [--width 300]
 """
 
 import argparse
@@ -36,12 +37,12 @@ QUANTITIES = ('eigenvalues', 'eigenpair', 'trace', 'density')
 LIBRARIES = ('optax_sam', 'optax_sam tree', 'matfree')
 
 
-def problem(hidden_layers=2):
+def problem(hidden_layers=2, width=32):
   """The tanh MLP, its data and loss; ``2 (hidden_layers + 1)`` parameter leaves."""
   import jax
   import jax.numpy as jnp
 
-  sizes = (40, *(32,) * hidden_layers, 10)
+  sizes = (40, *(width,) * hidden_layers, 10)
   keys = jax.random.split(jax.random.key(0), len(sizes) + 1)
   params = [
     {'w': jax.random.normal(k, (a, b)) / a**0.5, 'b': jnp.zeros(b)}
@@ -122,11 +123,11 @@ def matfree_call(quantity, loss_fn):
   return jax.jit(calls[quantity])
 
 
-def one(library, quantity, later_calls, hidden_layers=2):
+def one(library, quantity, later_calls, hidden_layers=2, width=32):
   """Times one (library, quantity) in this process; returns first and median later seconds."""
   import jax
 
-  loss_fn, params, batch = problem(hidden_layers)
+  loss_fn, params, batch = problem(hidden_layers, width)
   if library == 'matfree':
     call = matfree_call(quantity, loss_fn)
   else:  # the default layout ('auto': raveled here, on one device), or leaf by leaf
@@ -151,14 +152,17 @@ def main():
     '--hidden-layers',
     type=int,
     default=2,
-    help='hidden tanh layers of width 32 (2: the 2,698-parameter MLP with 6 leaves)',
+    help='hidden tanh layers (2: the 2,698-parameter MLP with 6 leaves)',
+  )
+  parser.add_argument(
+    '--width', type=int, default=32, help='hidden width (300: 105,610 parameters)'
   )
   parser.add_argument('--quantities', nargs='+', default=list(QUANTITIES), choices=QUANTITIES)
   parser.add_argument('--libraries', nargs='+', default=list(LIBRARIES), choices=LIBRARIES)
   parser.add_argument('--one', nargs=2, metavar=('LIBRARY', 'QUANTITY'), help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.one:
-    print(json.dumps(one(*args.one, args.later_calls, args.hidden_layers)))
+    print(json.dumps(one(*args.one, args.later_calls, args.hidden_layers, args.width)))
     return
   results = {}
   for repeat in range(args.repeats):
@@ -167,7 +171,8 @@ def main():
       for library in args.libraries if repeat % 2 == 0 else args.libraries[::-1]:
         command = [sys.executable, '-m', 'benchmarks.curvature_first_call', '--one', library,
                    quantity, '--later-calls', str(args.later_calls),
-                   '--hidden-layers', str(args.hidden_layers)]  # fmt: skip
+                   '--hidden-layers', str(args.hidden_layers),
+                   '--width', str(args.width)]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode:
           print(f'{library} {quantity} failed:\n{done.stderr[-2000:]}', file=sys.stderr)

@@ -7,9 +7,10 @@ scripts run optax_sam's rows alone. Timing is reported, never asserted.
 import subprocess
 import sys
 
+import jax
 import numpy as np
 
-from benchmarks import curvature_peers
+from benchmarks import curvature_first_call, curvature_peers
 
 
 def test_summarize_on_known_numbers():
@@ -52,3 +53,11 @@ def test_first_call_timing_runs_in_fresh_processes():
     row = next(line for line in out.splitlines() if line.startswith(f'| trace | {library} |'))
     first, later = (float(x.split('-')[0]) for x in row.split('|')[3:5])
     assert first > 0 and later > 0
+
+
+def test_first_call_problem_sizes():
+  def size(*args):
+    return sum(x.size for x in jax.tree.leaves(curvature_first_call.problem(*args)[1]))
+
+  assert size() == 2698 and size(24) == 25930 and size(2, 300) == 105610
+  assert len(jax.tree.leaves(curvature_first_call.problem(2, 300)[1])) == 6
