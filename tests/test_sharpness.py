@@ -751,7 +751,7 @@ def test_flat_and_tree_layouts_give_the_same_estimates():
 
 @pytest.mark.devices(8)
 def test_auto_ravels_only_parameters_it_can_see_whole():
-  """Concrete, one dtype, on one device or replicated: raveled; traced, sharded or mixed: not."""
+  """Concrete, one dtype, on one device or replicated, at most 2^20 entries: raveled; else not."""
   mesh = jax.make_mesh((8,), ('model',))
   params = {'w': jnp.ones((8, 4)), 'b': jnp.ones(4)}
   assert vector_layout.resolve('auto', params) == 'flat'
@@ -763,6 +763,12 @@ def test_auto_ravels_only_parameters_it_can_see_whole():
   assert vector_layout.resolve('auto', {}) == vector_layout.resolve('flat', {}) == 'tree'
   assert vector_layout.resolve('tree', params) == 'tree'
   assert vector_layout.resolve('flat', split) == 'flat'  # asked for: as asked
+  # Large parameters stay leaf by leaf (a raveled Lanczos basis is held twice, docs/sharpness.md).
+  most = {'w': np.zeros((2**10, 2**10), np.float32)}
+  assert vector_layout.AUTO_FLAT_MAX_PARAMS == 2**20
+  assert vector_layout.resolve('auto', most) == 'flat'
+  assert vector_layout.resolve('auto', {**most, 'b': np.zeros(1, np.float32)}) == 'tree'
+  assert vector_layout.resolve('flat', {**most, 'b': np.zeros(1, np.float32)}) == 'flat'
   seen = []
   jax.jit(lambda p: seen.append(vector_layout.resolve('auto', p)) or 0.0)(params)
   assert seen == ['tree']
