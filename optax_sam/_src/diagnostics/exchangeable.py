@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from optax_sam._src import numerics
 from optax_sam._src.diagnostics import hvp as hvp_lib
 from optax_sam._src.diagnostics import lanczos as lanczos_lib
-from optax_sam._src.diagnostics import tree_basis
+from optax_sam._src.diagnostics import tree_basis, vector_layout
 
 
 def probes(key: jax.Array, params: Any, m: int, kind: str = 'rademacher') -> Any:
@@ -274,7 +274,7 @@ def xnystrace_samples(
   """
   omega = probes(key, params, m, 'normal')
   y = jax.lax.map(matvec, omega)
-  n = hvp_lib.num_params(params)
+  n = vector_layout.num_params(params)
   scale = jnp.sqrt(numerics.vdot(y, y) / n)
   nu = 10 * m * jnp.finfo(scale.dtype).eps * jnp.where(scale > 0, scale, 1)
   y = jax.tree.map(lambda a, b: a + (nu * b).astype(a.dtype), y, omega)

@@ -227,7 +227,7 @@ def eigenvalues(
   numerics.check_integer('num_steps', num_steps)
   if which not in ('largest', 'magnitude'):
     raise ValueError(f"which must be 'largest' or 'magnitude', got {which!r}.")
-  n = hvp_lib.num_params(params)
+  n = vector_layout.num_params(params)
   if k > min(num_steps, n):
     raise ValueError(
       f'k must be <= min(num_steps, number of parameters) = {min(num_steps, n)}, got {k}.'

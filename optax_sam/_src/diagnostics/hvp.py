@@ -6,6 +6,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from optax_sam._src import numerics
 from optax_sam._src.diagnostics import chunking, vector_layout
 
 LossFn = Callable[[Any, Any], jax.Array]
@@ -68,9 +69,8 @@ def random_like(key: jax.Array, tree: Any, kind: str = 'rademacher') -> Any:
   Returns:
     A tree like ``tree`` of random entries.
   """
-  leaves = jax.tree.leaves(tree)
-  n = num_params(tree)
-  dtype = jnp.promote_types(jnp.float32, jnp.result_type(*leaves)) if leaves else jnp.float32
+  n = vector_layout.num_params(tree)
+  dtype = numerics.accumulation_dtype(tree)
   if kind == 'rademacher':
     flat = jax.random.rademacher(key, (n,), dtype)
   elif kind == 'normal':
@@ -101,9 +101,8 @@ def rademacher_probes(key: jax.Array, tree: Any, num: int) -> Callable[[jax.Arra
   Returns:
     ``probe(i) -> tree`` for an integer ``0 <= i < num`` (may be traced).
   """
-  leaves = jax.tree.leaves(tree)
-  dtype = jnp.promote_types(jnp.float32, jnp.result_type(*leaves)) if leaves else jnp.float32
-  words = jax.random.bits(key, (-(-num // 32), num_params(tree)), jnp.uint32)
+  dtype = numerics.accumulation_dtype(tree)
+  words = jax.random.bits(key, (-(-num // 32), vector_layout.num_params(tree)), jnp.uint32)
   unravel = vector_layout.unraveler(tree)
 
   def probe(i):
@@ -113,8 +112,3 @@ def rademacher_probes(key: jax.Array, tree: Any, num: int) -> Callable[[jax.Arra
     return unravel(bit.astype(dtype) * 2 - 1)
 
   return probe
-
-
-def num_params(tree: Any) -> int:
-  """The number of scalar entries of ``tree`` (static)."""
-  return sum(int(jnp.size(leaf)) for leaf in jax.tree.leaves(tree))

@@ -174,7 +174,7 @@ def trace(
   if method not in METHODS:
     raise ValueError(f'method must be one of {METHODS}, got {method!r}.')
   numerics.check_integer(f'num_probes (for {method})', num_probes, _MIN_PROBES[method])
-  n = hvp_lib.num_params(params)
+  n = vector_layout.num_params(params)
   if method == 'xnystrace' and num_probes > n:
     raise ValueError(
       f'num_probes (for xnystrace) must be <= the number of parameters {n}, got {num_probes}.'
@@ -191,9 +191,7 @@ def trace(
     return HessianTrace(estimate=estimate, stderr=stderr)
   if method == 'xtrace':
     sketch = exchangeable.sketch(matvec, params, key, num_probes // 2, 'normal')
-    return _exchangeable_mean(
-      exchangeable.xtrace_samples(sketch, hvp_lib.num_params(params)), dtype
-    )
+    return _exchangeable_mean(exchangeable.xtrace_samples(sketch, n), dtype)
   if method == 'xnystrace':
     return _exchangeable_mean(
       exchangeable.xnystrace_samples(matvec, params, key, num_probes), dtype

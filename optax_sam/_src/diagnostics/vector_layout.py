@@ -62,8 +62,13 @@ def resolve(layout: str, params: Any) -> str:
   if layout != 'auto':
     return layout
   one_dtype = len({jnp.result_type(leaf) for leaf in leaves}) == 1
-  small = sum(math.prod(jnp.shape(leaf)) for leaf in leaves) <= AUTO_FLAT_MAX_PARAMS
+  small = num_params(params) <= AUTO_FLAT_MAX_PARAMS
   return 'flat' if one_dtype and small and all(map(_whole, leaves)) else 'tree'
+
+
+def num_params(tree: Any) -> int:
+  """The number of scalar entries of ``tree`` (static)."""
+  return sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(tree))
 
 
 def _whole(leaf: Any) -> bool:
@@ -114,8 +119,7 @@ def raveled(
     ``template`` a zero vector of the raveled size and dtype (a template for the estimators,
     not a copy of ``params``), ``unravel`` the map back to vectors like ``params``.
   """
-  leaves = jax.tree.leaves(params)
-  dtype = jnp.result_type(*leaves)
+  dtype = jnp.result_type(*jax.tree.leaves(params))
   unravel = unraveler(params)
-  template = jnp.zeros([sum(math.prod(jnp.shape(leaf)) for leaf in leaves)], dtype)
+  template = jnp.zeros([num_params(params)], dtype)
   return (lambda x: ravel(matvec(unravel(x)), dtype)), template, unravel
