@@ -223,6 +223,13 @@ def test_restart_vectors_are_uniform_and_differ_by_step_leaf_and_seed():
   raw = lanczos_lib.seed_of(jax.random.key_data(jax.random.key(0)))
   np.testing.assert_array_equal(seed, raw)
   np.testing.assert_array_equal(x['b'], lanczos_lib.hashed_uniform_like(raw, 3, tree)['b'])
+  # A tree and its raveled vector get the same entries (both layouts start alike).
+  small = {'a': jnp.zeros((3, 4)), 'b': jnp.zeros(5), 'c': jnp.zeros(())}
+  flat, _ = ravel_pytree(small)
+  np.testing.assert_array_equal(
+    ravel_pytree(lanczos_lib.hashed_uniform_like(seed, 3, small))[0],
+    lanczos_lib.hashed_uniform_like(seed, 3, flat),
+  )
 
 
 def test_rademacher_probes_are_signs_independent_across_probes():
@@ -642,10 +649,14 @@ def test_default_steps_find_the_true_top_5_within_the_reported_residuals(seed):
 
 
 def test_converged_flags_a_ritz_value_that_settled_on_a_later_eigenvalue():
-  """With too few steps for a cluster (lambda_5 = 0.733, lambda_6 = 0.720), misses are flagged."""
-  r, within = _top5_over_30_starts(0, 18)
+  """With too few steps for a cluster (lambda_5 = 0.733, lambda_6 = 0.720), misses are flagged.
+
+  At 20 steps 5 of these 30 starts miss; at 25 steps one of 8 misses goes unflagged (its 5th
+  value settled on lambda_6 before any Ritz value near lambda_5 formed; docs/sharpness.md).
+  """
+  r, within = _top5_over_30_starts(0, 20)
   missed = ~within.all(axis=1)
-  assert missed.sum() >= 2  # the case the flag is for does occur at this budget
+  assert missed.sum() >= 3  # the case the flag is for does occur at this budget
   assert not np.asarray(r.converged)[missed].all(axis=1).any()
 
 

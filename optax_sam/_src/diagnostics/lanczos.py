@@ -36,11 +36,14 @@ References:
   10.1 (reorthogonalization).
 """
 
+import itertools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_sam._src import numerics
 from optax_sam._src.diagnostics import tree_basis
@@ -171,31 +174,40 @@ def seed_of(key: jax.Array, counter: Any = 0) -> jax.Array:
   return seed
 
 
+# The counter of the start vector: the restarts use the steps 0, 1, ..., so it is the last uint32.
+START = np.uint32(2**32 - 1)
+
+
 def hashed_uniform_like(seed: jax.Array, counter: jax.Array, tree: Any) -> Any:
   """Entries uniform in ``[-1, 1)`` like ``tree``, hashed from ``seed``, ``counter`` and the index.
 
-  Entry ``i`` of leaf ``l`` is ``_mix(_mix(i) ^ s)`` with ``s`` hashed from ``(seed, counter,
-  l)``, its top 24 bits scaled to ``[-1, 1)`` (then rounded to the leaf's dtype). Elementwise
-  on an iota, so it compiles to one fused kernel per leaf, needs no stored random vector, and
-  keeps a sharded leaf sharded. Different counters give (pseudo-)independent vectors: good
-  enough to restart Lanczos (a vector in general position); the estimators' probes use
-  ``jax.random``.
+  Entry ``i`` of the raveled tree (its leaves in ``jax.tree`` order, each in row-major order) is
+  ``_mix(_mix(i) ^ s)`` with ``s`` hashed from ``(seed, counter)``, its top 24 bits scaled to
+  ``[-1, 1)`` (then rounded to the leaf's dtype). So a tree and its raveled vector get the same
+  entries, and both layouts of the diagnostics start from the same vector. Elementwise on an
+  iota, it compiles to one fused kernel per leaf, needs no stored random vector, and keeps a
+  sharded leaf sharded. Different counters give (pseudo-)independent vectors in general
+  position, which is what Lanczos needs of its start (counter :data:`START`) and of its
+  restarts (the step); the trace estimators' probes use ``jax.random``, drawn once up front.
+  The index is a ``uint32``: beyond 2^32 parameters the entries repeat.
   """
   base = _mix(seed ^ _mix(jnp.asarray(counter).astype(jnp.uint32) + jnp.uint32(0x632BE5AB)))
 
-  def one(index, leaf):
+  def one(offset, leaf):
     shape = jnp.shape(leaf)
-    flat = jnp.zeros(shape, jnp.uint32)
+    flat = jnp.full(shape, offset % 2**32, jnp.uint32)
     stride = 1
     for axis in reversed(range(len(shape))):
-      flat = flat + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+      flat = flat + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
       stride *= shape[axis]
-    bits = _mix(_mix(flat) ^ _mix(base + jnp.uint32(index)))
+    bits = _mix(_mix(flat) ^ base)
     uniform = (bits >> 8).astype(jnp.float32) * 2.0**-23 - 1  # exact in float32
     return uniform.astype(jnp.result_type(leaf))
 
   leaves, treedef = jax.tree.flatten(tree)
-  return jax.tree.unflatten(treedef, [one(i, leaf) for i, leaf in enumerate(leaves)])
+  sizes = [math.prod(jnp.shape(leaf)) for leaf in leaves]
+  offsets = [0, *itertools.accumulate(sizes)][: len(leaves)]
+  return jax.tree.unflatten(treedef, [one(o, x) for o, x in zip(offsets, leaves, strict=True)])
 
 
 def tridiagonal_eigh(
