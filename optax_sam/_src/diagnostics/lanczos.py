@@ -36,8 +36,6 @@ References:
   10.1 (reorthogonalization).
 """
 
-import itertools
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -46,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_sam._src import numerics
-from optax_sam._src.diagnostics import tree_basis
+from optax_sam._src.diagnostics import tree_basis, vector_layout
 
 
 class LanczosResult(NamedTuple):
@@ -90,9 +88,10 @@ def lanczos(
   """Runs ``num_steps`` Lanczos steps of ``matvec`` from ``v0`` (normalized here).
 
   Costs ``num_steps`` products and stores ``num_steps + 1`` vectors like
-  ``v0``. ``seed`` (:func:`seed_of` a key, which may also have drawn ``v0``)
-  seeds the restart vectors after a breakdown (:func:`hashed_uniform_like`). ``unroll``
-  unrolls the loop (see :func:`optax_sam.sharpness.hessian_eigenvalues`).
+  ``v0``. ``seed`` (:func:`seed_of` a key, which may also have hashed ``v0``
+  with counter :data:`START`) seeds the restart vectors after a breakdown
+  (:func:`hashed_uniform_like`). ``unroll`` unrolls the loop (see
+  :func:`optax_sam.sharpness.hessian_eigenvalues`).
   """
   dtype = numerics.accumulation_dtype(v0)
   rtol = default_rtol(dtype) if rtol is None else rtol
@@ -205,9 +204,8 @@ def hashed_uniform_like(seed: jax.Array, counter: jax.Array, tree: Any) -> Any:
     return uniform.astype(jnp.result_type(leaf))
 
   leaves, treedef = jax.tree.flatten(tree)
-  sizes = [math.prod(jnp.shape(leaf)) for leaf in leaves]
-  offsets = [0, *itertools.accumulate(sizes)][: len(leaves)]
-  return jax.tree.unflatten(treedef, [one(o, x) for o, x in zip(offsets, leaves, strict=True)])
+  starts = vector_layout.offsets(tree)
+  return jax.tree.unflatten(treedef, [one(o, x) for o, x in zip(starts, leaves, strict=True)])
 
 
 def tridiagonal_eigh(

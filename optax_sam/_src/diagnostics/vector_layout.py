@@ -28,6 +28,7 @@ not grow with the parameters. So ``'auto'`` ravels only up to
 ``num_steps + 1`` times 4 MiB in float32).
 """
 
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -86,18 +87,25 @@ def unraveler(tree: Any) -> Callable[[jax.Array], Any]:
   The leaves are cut out in ``jax.tree.leaves`` order, the order :func:`ravel` joins them in.
   """
   leaves, treedef = jax.tree.flatten(tree)
-  shapes = [jnp.shape(leaf) for leaf in leaves]
-  dtypes = [jnp.result_type(leaf) for leaf in leaves]
+  pieces = [
+    (offset, jnp.shape(leaf), jnp.result_type(leaf))
+    for offset, leaf in zip(offsets(tree), leaves, strict=True)
+  ]
 
   def unravel(flat: jax.Array) -> Any:
-    out, offset = [], 0
-    for shape, dtype in zip(shapes, dtypes, strict=True):
-      size = math.prod(shape)
-      out.append(jax.lax.slice_in_dim(flat, offset, offset + size).reshape(shape).astype(dtype))
-      offset += size
+    out = [
+      jax.lax.slice_in_dim(flat, offset, offset + math.prod(shape)).reshape(shape).astype(dtype)
+      for offset, shape, dtype in pieces
+    ]
     return jax.tree.unflatten(treedef, out)
 
   return unravel
+
+
+def offsets(tree: Any) -> list[int]:
+  """Where each leaf of ``tree`` starts in the raveled vector (``jax.tree.leaves`` order)."""
+  sizes = [math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(tree)]
+  return [0, *itertools.accumulate(sizes)][: len(sizes)]
 
 
 def ravel(tree: Any, dtype: Any) -> jax.Array:
