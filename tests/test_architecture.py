@@ -37,6 +37,53 @@ def test_no_function_body_in_the_package_is_over_100_lines():
   assert not long, long
 
 
+def _code_lines(source: str) -> list[tuple[int, str]]:
+  """``(line number, stripped line)`` of a module's code lines.
+
+  Left out: signatures and docstrings (parallel public functions share them on purpose),
+  imports, and blank, comment and bracket-only lines.
+  """
+  tree = ast.parse(source)
+  skip = set(range(1, tree.body[0].end_lineno + 1)) if ast.get_docstring(tree) else set()
+  for node in ast.walk(tree):
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+      skip.update(range(node.lineno, node.end_lineno + 1))
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+      end = node.body[0].end_lineno if ast.get_docstring(node) else node.body[0].lineno - 1
+      skip.update(range(node.lineno - len(node.decorator_list), end + 1))
+  lines = [(i, t.strip()) for i, t in enumerate(source.splitlines(), start=1) if i not in skip]
+  return [(i, t) for i, t in lines if t.strip('()[]{},:') and not t.startswith('#')]
+
+
+def _repeated_code(sources: dict[str, str], size: int = 6) -> list[tuple[str, str]]:
+  """``(first place, second place)`` of each run of ``size`` code lines that stands twice."""
+  seen, repeats = {}, []
+  for name, source in sources.items():
+    code = _code_lines(source)
+    for k in range(len(code) - size + 1):
+      run = tuple(line for _, line in code[k : k + size])
+      first_name, first_k, first_line = seen.setdefault(run, (name, k, code[k][0]))
+      if first_name != name or k - first_k >= size:
+        repeats.append((f'{first_name}:{first_line}', f'{name}:{code[k][0]}'))
+  return repeats
+
+
+def test_no_six_lines_of_code_stand_twice_in_the_package():
+  """A new part calls a helper instead of copying one.
+
+  Exact lines only, unlike the ``duplicates`` tool's shapes: the aliases before this test
+  forwarded the same eight hyperparameters one per line in four places and fail it.
+  """
+  sources = {str(p.relative_to(PACKAGE)): p.read_text() for p in sorted(PACKAGE.rglob('*.py'))}
+  assert not _repeated_code(sources)
+  copied = 'def f(x):\n  """Doc."""\n' + ''.join(f'  y{i} = g(x, {i})\n' for i in range(7))
+  same = 'def f(x):\n' + '  x = g(x)\n' * 7
+  assert _repeated_code({'a.py': same}) == []  # windows of one run overlap
+  assert _repeated_code({'a.py': same + '  x = g(x)\n' * 5})[0] == ('a.py:2', 'a.py:8')
+  twice = {'a.py': copied, 'b.py': copied.replace('def f', 'def h')}
+  assert _repeated_code(twice) == [('a.py:3', 'b.py:3'), ('a.py:4', 'b.py:4')]
+
+
 def test_the_source_has_two_rooms():
   rooms = {p.name for p in (PACKAGE / '_src').iterdir() if p.is_dir() and p.name != '__pycache__'}
   assert rooms == {'diagnostics'}

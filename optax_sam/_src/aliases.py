@@ -34,27 +34,18 @@ from optax_sam._src import sharpness_aware as wrapper
 SAMOptions = options_lib.SAMOptions
 
 
-def _ascent_and_correction(
-  rho, *, normalize, adaptive, eta, adaptive_mask, perturb_mask, stable, eps
-):
-  """SAM's ascent (:func:`ascent`) and, with ``stable``, StableSAM's correction."""
+def _ascent_and_correction(rho, *, normalize, stable, eps, **geometry):
+  """SAM's ascent (:func:`ascent`) and, with ``stable``, StableSAM's correction.
+
+  ``geometry`` is ``adaptive``, ``eta``, ``adaptive_mask`` and ``perturb_mask``, as :func:`ascent`
+  takes them; StableSAM's two norms use the same scaling ``T``, over every leaf.
+  """
   numerics.check_flag('stable', stable)
-  ascent = perturbations.ascent(
-    rho,
-    normalize=normalize,
-    adaptive=adaptive,
-    eta=eta,
-    adaptive_mask=adaptive_mask,
-    perturb_mask=perturb_mask,
-    eps=eps,
-  )
-  if stable:
-    correction = corrections.stable_correction(
-      adaptive=adaptive, eta=eta, adaptive_mask=adaptive_mask, eps=eps
-    )
-  else:
-    correction = corrections.no_correction()
-  return ascent, correction
+  ascent = perturbations.ascent(rho, normalize=normalize, **geometry, eps=eps)
+  if not stable:
+    return ascent, corrections.no_correction()
+  del geometry['perturb_mask']
+  return ascent, corrections.stable_correction(**geometry, eps=eps)
 
 
 @options_lib.takes_options
@@ -116,15 +107,11 @@ def sam(
     Foret et al., 2021, "Sharpness-Aware Minimization for Efficiently Improving
     Generalization": https://arxiv.org/abs/2010.01412
   """
+  geometry = dict(
+    adaptive=adaptive, eta=eta, adaptive_mask=adaptive_mask, perturb_mask=perturb_mask
+  )
   ascent, correction = _ascent_and_correction(
-    rho,
-    normalize=normalize,
-    adaptive=adaptive,
-    eta=eta,
-    adaptive_mask=adaptive_mask,
-    perturb_mask=perturb_mask,
-    stable=stable,
-    eps=eps,
+    rho, normalize=normalize, stable=stable, eps=eps, **geometry
   )
   return wrapper.compose(base_optimizer, ascent, correction, SAMOptions(**options))
 
@@ -177,15 +164,9 @@ def asam(
     Scale-Invariant Learning of Deep Neural Networks": https://arxiv.org/abs/2102.11600
   """
   mask = adaptive_lib.not_bias_mask if adaptive_mask is None else adaptive_mask
+  geometry = dict(adaptive=True, eta=eta, adaptive_mask=mask, perturb_mask=perturb_mask)
   ascent, correction = _ascent_and_correction(
-    rho,
-    normalize=normalize,
-    adaptive=True,
-    eta=eta,
-    adaptive_mask=mask,
-    perturb_mask=perturb_mask,
-    stable=stable,
-    eps=eps,
+    rho, normalize=normalize, stable=stable, eps=eps, **geometry
   )
   return wrapper.compose(base_optimizer, ascent, correction, SAMOptions(**options))
 
@@ -249,15 +230,11 @@ def friendly_sam(
     Li et al., 2024, "Friendly Sharpness-Aware Minimization":
     https://arxiv.org/abs/2403.12350
   """
+  geometry = dict(
+    adaptive=adaptive, eta=eta, adaptive_mask=adaptive_mask, perturb_mask=perturb_mask
+  )
   ascent, correction = _ascent_and_correction(
-    rho,
-    normalize=normalize,
-    adaptive=adaptive,
-    eta=eta,
-    adaptive_mask=adaptive_mask,
-    perturb_mask=perturb_mask,
-    stable=stable,
-    eps=eps,
+    rho, normalize=normalize, stable=stable, eps=eps, **geometry
   )
   direction = perturbations.friendly_direction(sigma, lmbda, ema_dtype=ema_dtype)
   perturbation = optax.chain(direction, ascent)
@@ -314,15 +291,11 @@ def stable_sam(
     Tan et al., 2024, "Stabilizing Sharpness-Aware Minimization Through A
     Simple Renormalization Strategy": https://arxiv.org/abs/2401.07250
   """
+  geometry = dict(
+    adaptive=adaptive, eta=eta, adaptive_mask=adaptive_mask, perturb_mask=perturb_mask
+  )
   ascent, correction = _ascent_and_correction(
-    rho,
-    normalize=normalize,
-    adaptive=adaptive,
-    eta=eta,
-    adaptive_mask=adaptive_mask,
-    perturb_mask=perturb_mask,
-    stable=True,
-    eps=eps,
+    rho, normalize=normalize, stable=True, eps=eps, **geometry
   )
   return wrapper.compose(base_optimizer, ascent, correction, SAMOptions(**options))
 
