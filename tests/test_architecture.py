@@ -50,7 +50,8 @@ def _code_lines(source: str) -> list[tuple[int, str]]:
       skip.update(range(node.lineno, node.end_lineno + 1))
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
       end = node.body[0].end_lineno if ast.get_docstring(node) else node.body[0].lineno - 1
-      skip.update(range(node.lineno - len(node.decorator_list), end + 1))
+      start = min([d.lineno for d in node.decorator_list], default=node.lineno)
+      skip.update(range(start, end + 1))  # a decorator may span several lines
   lines = [(i, t.strip()) for i, t in enumerate(source.splitlines(), start=1) if i not in skip]
   return [(i, t) for i, t in lines if t.strip('()[]{},:') and not t.startswith('#')]
 
@@ -77,6 +78,8 @@ def test_no_six_lines_of_code_stand_twice_in_the_package():
   sources = {str(p.relative_to(PACKAGE)): p.read_text() for p in sorted(PACKAGE.rglob('*.py'))}
   assert not _repeated_code(sources)
   copied = 'def f(x):\n  """Doc."""\n' + ''.join(f'  y{i} = g(x, {i})\n' for i in range(7))
+  decorated = '@functools.partial(\n  jax.jit,\n  static_argnums=0,\n)\ndef f(x):\n  return x\n'
+  assert _code_lines(decorated) == [(6, 'return x')]
   same = 'def f(x):\n' + '  x = g(x)\n' * 7
   assert _repeated_code({'a.py': same}) == []  # windows of one run overlap
   assert _repeated_code({'a.py': same + '  x = g(x)\n' * 5})[0] == ('a.py:2', 'a.py:8')
